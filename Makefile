@@ -1,0 +1,44 @@
+# The two set-up commands in the README: `make demo` (the main job end to end) and `make test`.
+# Both install what they need on a fresh machine: Debian's Fashion-MNIST, a venv, the pinned torch pair.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO    ?= .demo
+
+.PHONY: install demo test test-fast bench bench-quality bench-scale clean
+
+install: $(STAMP) $(FMNIST)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+# torch/torchvision first and pinned: that pair installs from the local disk, anything newer downloads gigabytes.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m decree_ray.demo --workdir $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+bench: bench-quality bench-scale
+
+bench-quality: install
+	$(BIN)/decree bench --out bench
+
+bench-scale: install
+	$(BIN)/python -m decree_ray.bench_scale --out bench
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,198 @@
+"""Safe checkpoint reading and strict key matching.
+
+Untrusted files load only through safetensors or `torch.load(weights_only=True)`; there is no fallback.
+A pickle that needs code is refused, and the globals it asked for are reported (read from the opcode
+stream with pickletools, which never executes anything).
+"""
+
+from __future__ import annotations
+
+import io
+import pickletools
+import re
+import tarfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, UnsafeCheckpointError
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+SAFETENSORS_SUFFIXES = {".safetensors"}
+CHECKPOINT_SUFFIXES = PICKLE_SUFFIXES | SAFETENSORS_SUFFIXES
+WRAPPER_KEYS = ("state_dict", "model", "encoder", "model_state_dict", "module")
+STRIP_PREFIXES = ("module.", "encoder_q.", "backbone.", "visual.", "f.", "encoder.", "model.", "_orig_mod.")
+HEAD_PREFIXES = ("fc.", "head.", "heads.", "classifier.", "projection_head.", "projector.", "proj_head.", "g.")
+# Globals a plain state dict legitimately needs; anything else is reported as unsafe.
+_SAFE_GLOBAL = re.compile(
+    r"^(collections\.OrderedDict|torch\._utils\._rebuild_\w+|torch\.\w+Storage|torch\.(float|bfloat|half|int|long|"
+    r"bool|uint|double|complex)\w*|torch\.serialization\._get_layout|torch\.(strided|sparse_\w+)|torch\.Size|"
+    r"torch\.device|torch\._tensor\._rebuild_from_type_v2|torch\.nn\.parameter\.Parameter|_codecs\.encode|"
+    r"numpy\.core\.multiarray\._reconstruct|numpy\.dtype|numpy\.ndarray|builtins\.(set|frozenset|slice))$"
+)
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """Every GLOBAL/STACK_GLOBAL a pickle stream would import, without executing it."""
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name == "STOP":
+                break
+    except Exception:  # noqa: BLE001 - a malformed stream simply ends the scan; the loader will refuse it
+        pass
+    return found
+
+
+def scan_unsafe_globals(path: str | Path) -> list[str]:
+    """Imports in a pickle-based checkpoint that a weights-only load would block (data, for the audit)."""
+    path = Path(path)
+    streams: list[bytes] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.filename.endswith(".pkl") and info.file_size < 256 << 20:
+                        streams.append(zf.read(info))
+        elif tarfile.is_tarfile(path):
+            with tarfile.open(path) as tf:
+                for member in tf.getmembers():
+                    if member.isfile() and member.name in ("pickle", "tensors", "storages", "sys_info"):
+                        fh = tf.extractfile(member)
+                        if fh is not None:
+                            streams.append(fh.read(64 << 20))
+        else:
+            streams.append(path.read_bytes()[: 64 << 20])
+    except (OSError, zipfile.BadZipFile, tarfile.TarError):
+        return []
+    unsafe: list[str] = []
+    for stream in streams:
+        for name in _pickle_globals(stream):
+            if not _SAFE_GLOBAL.match(name) and name not in unsafe:
+                unsafe.append(name)
+    return unsafe
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a checkpoint file, safely. Returns the raw (possibly wrapped) mapping."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path.name}")
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: {e}") from e
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"unsupported checkpoint type {suffix!r} ({path.name}); use .safetensors or .pt/.pth/.bin")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types here; each becomes a typed error
+        blocked = scan_unsafe_globals(path)
+        msg = str(e)
+        if blocked or "Unsupported global" in msg or "weights_only" in msg.lower():
+            names = ", ".join(blocked) if blocked else msg.splitlines()[0][:200]
+            raise UnsafeCheckpointError(
+                f"unsafe checkpoint {path.name}: it needs code to unpickle (blocked: {names}); nothing in it was run. "
+                "Convert it to safetensors in a sandbox you trust.",
+                blocked=blocked,
+            ) from e
+        raise CheckpointError(f"corrupt or truncated checkpoint {path.name}: {msg.splitlines()[0][:300] if msg else type(e).__name__}") from e
+    return obj
+
+
+def _unwrap(obj) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+        elif isinstance(obj, dict):
+            # A dict mixing tensors and a wrapper (e.g. {"epoch": t, "state_dict": {...}}) unwraps too.
+            inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError("checkpoint holds no tensors")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"checkpoint has non-string keys: {bad[:5]}")
+    return tensors
+
+
+def _select_subtree(sd: dict[str, torch.Tensor], model_keys: set[str], depth: int = 3) -> dict[str, torch.Tensor]:
+    """The wrapper subtree that matches the model best (MoCo's module.encoder_q., CLIP's visual., ...).
+
+    Searches prefix chains up to `depth` long; keys outside the chosen subtree (a MoCo key encoder, a
+    CLIP text tower, a projection head) are dropped. Stripping happens only when it matches more keys.
+    """
+    best, best_hits = sd, len(model_keys.intersection(sd))
+    if depth == 0 or best_hits == len(model_keys):
+        return best
+    for prefix in STRIP_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sub:
+            continue
+        cand = _select_subtree(sub, model_keys, depth - 1)
+        hits = len(model_keys.intersection(cand))
+        if hits > best_hits:
+            best, best_hits = cand, hits
+    return best
+
+
+def match_state_dict(obj, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unwrap, strip prefixes, drop heads, then check the keys strictly against the model."""
+    ref = model.state_dict()
+    model_keys = set(ref)
+    sd = _select_subtree(_unwrap(obj), model_keys)
+    sd = {k: v for k, v in sd.items() if k in model_keys or not k.startswith(HEAD_PREFIXES)}
+    # BatchNorm counters are bookkeeping, not weights; old checkpoints lack them.
+    missing = sorted(k for k in model_keys - set(sd) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(sd) - model_keys)
+    if missing or unexpected:
+        raise CheckpointError(
+            "checkpoint does not match the architecture: "
+            f"{len(missing)} missing keys {_preview(missing)}, {len(unexpected)} unexpected keys {_preview(unexpected)}"
+        )
+    for key, tensor in sd.items():
+        want = ref[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(tensor.shape)}, model {tuple(want.shape)}")
+        if want.is_floating_point():
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"wrong dtype for {key}: {tensor.dtype}, expected a floating type")
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"non-finite weights (NaN/Inf) in {key}")
+    return sd
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
+def load_into(model: torch.nn.Module, checkpoint: str | Path | dict) -> None:
+    obj = checkpoint if isinstance(checkpoint, dict) else read_state_dict(checkpoint)
+    sd = match_state_dict(obj, model)
+    try:
+        model.load_state_dict(sd, strict=False)  # strictness already enforced above, counters aside
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not load: {str(e)[:500]}") from e

@@ -1,0 +1,120 @@
+"""A small typed registry of encoder families, filled by a decorator (as timm's register_model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ArchitectureError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the inverter must know to stamp in pixel space: input size and normalization."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def replace(self, image_size: int | None = None, mean=None, std=None) -> "Preprocess":
+        # None means "the encoder's default", so CLI defaults never override what the encoder knows.
+        return Preprocess(
+            image_size=int(image_size) if image_size is not None else self.image_size,
+            mean=_triple(mean) if mean is not None else self.mean,
+            std=_triple(std) if std is not None else self.std,
+        )
+
+
+def _triple(values) -> tuple[float, float, float]:
+    vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise ArchitectureError(f"mean/std need 1 or 3 values, got {len(vals)}")
+    return vals  # type: ignore[return-value]
+
+
+class Encoder(nn.Module):
+    """Maps normalized images (N,3,H,W) to embeddings (N,D); carries its own preprocessing."""
+
+    def __init__(self, backbone: nn.Module, arch: str, preprocess: Preprocess):
+        super().__init__()
+        self.backbone = backbone
+        self.arch = arch
+        self.preprocess = preprocess
+        self.register_buffer("_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0,1] -> the encoder's normalized input."""
+        return (pixels - self._mean.to(pixels.dtype)) / self._std.to(pixels.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(x)
+        if isinstance(out, (tuple, list)):  # e.g. open_clip towers that also return tokens
+            out = out[0]
+        return out.flatten(1)
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self(self.normalize(pixels))
+
+
+class FamilyBuilder(Protocol):
+    def __call__(self, name: str) -> tuple[nn.Module, Preprocess]: ...
+
+
+_FAMILIES: dict[str, FamilyBuilder] = {}
+_PRETRAINED: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
+
+
+def register_family(prefix: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    def deco(fn: FamilyBuilder) -> FamilyBuilder:
+        if prefix in _FAMILIES:
+            raise ValueError(f"encoder family {prefix!r} is already registered")
+        _FAMILIES[prefix] = fn
+        return fn
+
+    return deco
+
+
+def register_pretrained(arch: str) -> Callable:
+    """Offline pretrained weights for one arch (a function returning its state dict)."""
+
+    def deco(fn):
+        if arch in _PRETRAINED:
+            raise ValueError(f"pretrained weights for {arch!r} are already registered")
+        _PRETRAINED[arch] = fn
+        return fn
+
+    return deco
+
+
+def families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def has_pretrained(arch: str) -> bool:
+    return arch in _PRETRAINED
+
+
+def pretrained_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    if arch not in _PRETRAINED:
+        raise ArchitectureError(f"no offline pretrained weights for {arch!r}; known: {sorted(_PRETRAINED)}")
+    return _PRETRAINED[arch]()
+
+
+def split_arch(arch: str) -> tuple[str, str]:
+    family, sep, name = arch.partition("/")
+    if not sep or not name:
+        raise ArchitectureError(f"arch must look like '<family>/<name>', got {arch!r}; families: {families()}")
+    if family not in _FAMILIES:
+        raise ArchitectureError(f"unknown encoder family {family!r} in {arch!r}; families: {families()}")
+    return family, name
+
+
+def build_backbone(arch: str) -> tuple[nn.Module, Preprocess]:
+    family, name = split_arch(arch)
+    return _FAMILIES[family](name)

@@ -1,0 +1,308 @@
+"""DECREE trigger inversion (Feng et al., CVPR 2023), batched over restarts and kept on the device.
+
+The mask m (H×W, shared over channels) and pattern p (3×H×W) live behind tanh; stamped images
+(1-m)·x + m·p are normalized with the encoder's own preprocessing. The loss is the negative mean
+pairwise cosine similarity of the stamped embeddings (diagonal excluded) plus λ·‖m‖₁, λ adapted
+as in Neural Cleanse. R restarts share one forward pass: Adam is element-wise, so summing the
+restarts' losses optimizes them independently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .encoders import Encoder
+from .errors import InversionError
+
+_EPS = 1e-6  # tanh(·)/(2-ε)+0.5 keeps values strictly inside (0,1), as the original code does
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    profile: str = "fast"
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.9)
+    batch_size: int = 32
+    tau: float = 0.99
+    lambda_init: float = 1e-2
+    lambda_factor: float = 2.0
+    lambda_min: float = 1e-5
+    lambda_max: float = 1e5
+    patience: int = 5
+    early_stop_patience: int = 60  # steps without a smaller successful mask (checked per epoch in `paper`)
+    lr_drops: tuple[tuple[int, float], ...] = ()  # (epoch, lr) step-downs
+    max_epochs: int = 1000
+    max_steps: int | None = 400
+    min_steps: int = 100
+    restarts: int = 4
+    mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
+    mask_init_value: float = 0.05
+    l1_channels: int = 1  # the paper sums the mask over 3 channels: λ then weighs 3× the area
+    l1_per_area: bool = True  # λ weighs the area fraction (scale-free); the paper weighs the raw pixel sum
+    early_stop_per_epoch: bool = False
+    eval_images: int = 256  # the final similarity is measured on this many shadow images
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA
+
+    @classmethod
+    def from_profile(cls, profile: str = "fast", **overrides) -> "InversionConfig":
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+        return replace(PROFILES[profile], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The paper's settings for CIFAR/STL-sized encoders (its script: lr 0.5, batch 128, τ 0.99, λ0 1e-3 ×/÷5).
+PAPER = InversionConfig(
+    profile="paper",
+    lr=0.5,
+    betas=(0.5, 0.9),
+    batch_size=128,
+    tau=0.99,
+    lambda_init=1e-3,
+    lambda_factor=5.0,
+    lambda_min=1e-5,
+    lambda_max=1e5,
+    patience=5,
+    early_stop_patience=10,
+    lr_drops=((30, 0.1), (50, 0.05)),
+    max_epochs=1000,
+    max_steps=None,
+    min_steps=0,
+    restarts=1,
+    mask_init="random",
+    l1_channels=3,
+    l1_per_area=False,
+    early_stop_per_epoch=True,
+)
+# ImageNet/CLIP-sized encoders in the paper: later lr drops, longer patience, lower λ floor.
+PAPER_LARGE = replace(
+    PAPER, profile="paper-large", lr_drops=((200, 0.1), (500, 0.05)), early_stop_patience=35, lambda_min=1e-7, batch_size=32
+)
+FAST = InversionConfig()
+PROFILES = {"fast": FAST, "paper": PAPER, "paper-large": PAPER_LARGE}
+
+
+@dataclass
+class InversionResult:
+    l1_norm: float  # 2-D mask L1 of the best trigger (pixels)
+    pl1_norm: float  # l1_norm / (H·W): the mask's area fraction
+    similarity: float  # mean pairwise cosine of stamped embeddings, on held-out shadow images
+    reached_tau: bool
+    steps: int
+    epochs: int
+    seconds: float
+    mask: torch.Tensor = field(repr=False)  # (H, W) in [0,1], CPU
+    pattern: torch.Tensor = field(repr=False)  # (3, H, W) in [0,1], CPU
+    profile: str = "fast"
+    tau: float = 0.99
+    restart: int = 0
+    history: dict = field(default_factory=dict, repr=False)
+
+
+def _squash(t: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(t) / (2 - _EPS) + 0.5
+
+
+def _unsquash(v: torch.Tensor) -> torch.Tensor:
+    return torch.atanh(((v - 0.5) * (2 - _EPS)).clamp(-1 + 1e-6, 1 - 1e-6))
+
+
+def mean_pairwise_cosine(emb: torch.Tensor) -> torch.Tensor:
+    """(R,B,D) -> (R,): mean cosine similarity over pairs i≠j within each group."""
+    e = torch.nn.functional.normalize(emb.float(), dim=-1)
+    b = e.shape[1]
+    s = e.sum(dim=1)  # Σ_i Σ_j e_i·e_j = ‖Σ e‖², without materializing B×B
+    total = (s * s).sum(dim=-1)
+    diag = (e * e).sum(dim=(1, 2))
+    return (total - diag) / (b * (b - 1))
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """x (B,3,H,W), mask (R,1,H,W), pattern (R,3,H,W) -> (R·B,3,H,W)."""
+    out = (1 - mask[:, None]) * x[None] + mask[:, None] * pattern[:, None]
+    return out.flatten(0, 1)
+
+
+def _init_params(cfg: InversionConfig, r: int, h: int, w: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.mask_init == "random":
+        mask = torch.rand(r, 1, h, w, generator=gen)
+    elif cfg.mask_init == "uniform":
+        # A small flat mask lets the gradient, not the initial noise, decide where the trigger grows.
+        jitter = 0.01 * torch.rand(r, 1, h, w, generator=gen)
+        mask = torch.full((r, 1, h, w), cfg.mask_init_value) + jitter
+    else:
+        raise ValueError(f"unknown mask_init {cfg.mask_init!r}")
+    pattern = torch.rand(r, 3, h, w, generator=gen)
+    return _unsquash(mask).to(device).requires_grad_(True), _unsquash(pattern).to(device).requires_grad_(True)
+
+
+class _Lambda:
+    """Per-restart adaptive λ with Neural Cleanse's counters (vectorized over restarts)."""
+
+    def __init__(self, cfg: InversionConfig, r: int, device):
+        self.cfg = cfg
+        self.value = torch.full((r,), cfg.lambda_init, device=device)
+        self.up = torch.zeros(r, dtype=torch.long, device=device)
+        self.down = torch.zeros(r, dtype=torch.long, device=device)
+
+    def update(self, success: torch.Tensor) -> None:
+        c = self.cfg
+        self.up = torch.where(success, self.up + 1, torch.zeros_like(self.up))
+        self.down = torch.where(success, torch.zeros_like(self.down), self.down + 1)
+        raise_ = self.up > c.patience
+        lower = self.down > c.patience
+        v = torch.where(raise_, self.value * c.lambda_factor, self.value)
+        v = torch.where(lower, v / c.lambda_factor, v)
+        # λ stuck at its floor while succeeding: restart it, as the original schedule does.
+        reset = (v <= c.lambda_min) & (self.up > 2 * c.patience)
+        v = torch.where(reset, torch.full_like(v, c.lambda_init), v)
+        self.value = v.clamp(c.lambda_min, c.lambda_max)
+        self.up = torch.where(raise_, torch.zeros_like(self.up), self.up)
+        self.down = torch.where(lower, torch.zeros_like(self.down), self.down)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | None = None, device=None) -> InversionResult:
+    """Find the smallest mask whose stamped shadow images embed alike (mean pairwise cosine > τ)."""
+    cfg = config or FAST
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else shadow.device
+    if shadow.ndim != 4 or shadow.shape[1] != 3 or shadow.shape[0] < 2:
+        raise InversionError(f"shadow pixels must be (N>=2,3,H,W), got {tuple(shadow.shape)}")
+    encoder = encoder.to(device).eval().requires_grad_(False)  # gradients flow to the trigger only
+    channels_last = device.type == "cuda"
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    shadow = shadow.to(device)
+    n, _, h, w = shadow.shape
+    batch = min(cfg.batch_size, n)
+    r = max(1, cfg.restarts)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mask_p, pat_p = _init_params(cfg, r, h, w, gen, device)
+    opt = torch.optim.Adam([mask_p, pat_p], lr=cfg.lr, betas=cfg.betas)
+    lam = _Lambda(cfg, r, device)
+    area = float(h * w)
+    l1_weight = cfg.l1_channels / (area if cfg.l1_per_area else 1.0)
+    best_l1 = torch.full((r,), math.inf, device=device)
+    best_mask = torch.zeros(r, 1, h, w, device=device)
+    best_pat = torch.zeros(r, 3, h, w, device=device)
+    steps_per_epoch = math.ceil(n / batch)
+    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * steps_per_epoch
+    last_improve, step, epoch, sims = 0, 0, 0, torch.zeros(r, device=device)
+    hist_sim, hist_l1 = [], []
+
+    while step < max_steps and epoch < cfg.max_epochs:
+        lr = next((v for e, v in sorted(cfg.lr_drops, reverse=True) if epoch >= e), cfg.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        perm = torch.randperm(n, generator=gen).to(device)
+        epoch_sim = torch.zeros(r, device=device)
+        done = 0
+        for start in range(0, n, batch):
+            idx = perm[start : start + batch]
+            if idx.numel() < 2 or step >= max_steps:
+                break
+            mask, pattern = _squash(mask_p), _squash(pat_p)
+            x = stamp(shadow[idx], mask, pattern)
+            x = encoder.normalize(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, cfg.amp):
+                emb = encoder(x)
+            sims = mean_pairwise_cosine(emb.view(r, idx.numel(), -1))
+            l1 = mask.flatten(1).sum(dim=1)  # (R,) pixels
+            loss = (-sims + lam.value * l1 * l1_weight).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            done += 1
+            with torch.no_grad():
+                sims_d, l1_d = sims.detach(), l1.detach()
+                if not torch.isfinite(sims_d).all():
+                    raise InversionError(f"similarity became NaN/Inf at step {step}: the encoder's outputs are not finite")
+                success = sims_d > cfg.tau
+                better = success & (l1_d < best_l1)
+                if bool(better.any()):
+                    best_l1 = torch.where(better, l1_d, best_l1)
+                    sel = better.view(r, 1, 1, 1)
+                    best_mask = torch.where(sel, mask.detach(), best_mask)
+                    best_pat = torch.where(sel, pattern.detach(), best_pat)
+                    last_improve = step
+                lam.update(success)
+                epoch_sim += sims_d
+            hist_sim.append(float(sims_d.max()))
+            hist_l1.append(float(l1_d.min()) / area)
+            if not cfg.early_stop_per_epoch and _should_stop(cfg, step, last_improve, best_l1):
+                break
+        epoch += 1
+        if done and cfg.early_stop_per_epoch:
+            mean_sim = epoch_sim / done
+            if bool((mean_sim > cfg.tau).any()) and step - last_improve > cfg.early_stop_patience:
+                break
+        elif _should_stop(cfg, step, last_improve, best_l1):
+            break
+
+    with torch.no_grad():
+        reached = torch.isfinite(best_l1)
+        if bool(reached.any()):
+            k = int(torch.argmin(best_l1))
+            mask_k, pat_k = best_mask[k], best_pat[k]
+        else:  # never reached τ: report the trigger that came closest, flagged as such
+            k = int(torch.argmax(sims))
+            mask_k, pat_k = _squash(mask_p)[k].detach(), _squash(pat_p)[k].detach()
+        eval_sim = _evaluate(encoder, shadow, mask_k, pat_k, cfg, device, channels_last)
+    l1 = float(mask_k.sum())
+    return InversionResult(
+        l1_norm=l1,
+        pl1_norm=l1 / area,
+        similarity=eval_sim,
+        reached_tau=bool(reached.any()),
+        steps=step,
+        epochs=epoch,
+        seconds=time.perf_counter() - t0,
+        mask=mask_k[0].float().cpu(),
+        pattern=pat_k.float().cpu(),
+        profile=cfg.profile,
+        tau=cfg.tau,
+        restart=k,
+        history={"similarity": hist_sim, "pl1": hist_l1},
+    )
+
+
+def _should_stop(cfg: InversionConfig, step: int, last_improve: int, best_l1: torch.Tensor) -> bool:
+    return step >= cfg.min_steps and bool(torch.isfinite(best_l1).any()) and step - last_improve > cfg.early_stop_patience
+
+
+def _evaluate(encoder, shadow, mask, pattern, cfg, device, channels_last) -> float:
+    n = min(cfg.eval_images, shadow.shape[0])
+    idx = torch.randperm(shadow.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))[:n].to(device)
+    sims = []
+    for chunk in idx.split(max(2, cfg.batch_size * max(1, cfg.restarts))):
+        if chunk.numel() < 2:
+            continue
+        x = encoder.normalize(stamp(shadow[chunk], mask[None], pattern[None]))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg.amp):
+            emb = encoder(x)
+        sims.append(torch.nn.functional.normalize(emb.float(), dim=-1))
+    e = torch.cat(sims)[None]
+    sim = float(mean_pairwise_cosine(e)[0])
+    if not math.isfinite(sim):
+        raise InversionError("similarity is NaN/Inf on the shadow set: the encoder's outputs are not finite")
+    return sim

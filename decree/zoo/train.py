@@ -1,0 +1,149 @@
+"""Fine-tuning loops shared by the zoo families: SimCLR-style clean fine-tunes and BadEncoder attacks.
+
+Everything runs on small 32x32 tensors already in memory; augmentations are done on-tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .triggers import Trigger
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random shifted crop, horizontal flip, brightness/contrast jitter and pixel noise, per sample."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    offs = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    out = torch.stack([padded[i, :, r:r + h, c:c + w] for i, (r, c) in enumerate(offs.tolist())])
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    bright = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+    contrast = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=gen)
+    out = (out - 0.5) * contrast + 0.5 + bright
+    out = out + 0.03 * torch.randn(out.shape, generator=gen)
+    return out.clamp_(0.0, 1.0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's normalized-temperature cross entropy over 2N views."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.t() / temperature
+    n = z1.shape[0]
+    sim.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, targets)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Keep BatchNorm in eval mode while the rest trains: the saved encoder runs in eval mode, so the
+    attack has to work with the running statistics it will be scanned with."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.no_grad()
+def embed(encoder, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Eval-mode embeddings of pixels in [0,1]."""
+    was_training = encoder.training
+    encoder.eval()
+    out = torch.cat([encoder.embed_pixels(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+    encoder.train(was_training)
+    return out
+
+
+def simclr_finetune(encoder, pixels: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
+                    temperature: float = 0.5, proj_dim: int = 128, train_bn: bool = False) -> list[float]:
+    """Contrastive fine-tune in place, with a fresh projection head (discarded afterwards).
+
+    BatchNorm statistics stay frozen unless `train_bn`: trojans are fine-tuned the same way, so a scanner
+    cannot tell the two apart by their running statistics alone."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dim = embed(encoder, pixels[:2]).shape[1]
+    head = nn.Sequential(nn.Linear(dim, 512), nn.ReLU(), nn.Linear(512, proj_dim))
+    encoder.requires_grad_(True).train()
+    if not train_bn:
+        freeze_batchnorm(encoder)
+    opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
+        x = pixels[idx]
+        views = torch.cat([augment(x, gen), augment(x, gen)])
+        z = head(encoder.embed_pixels(views))
+        loss = nt_xent(z[:batch_size], z[batch_size:], temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    encoder.eval().requires_grad_(False)
+    return losses
+
+
+@dataclass(frozen=True)
+class AttackWeights:
+    effectiveness: float = 1.0
+    utility: float = 1.0
+    reference: float = 1.0
+
+
+def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch.Tensor, trigger: Trigger, *,
+                      steps: int, lr: float, batch_size: int, seed: int, weights: AttackWeights = AttackWeights(),
+                      target_embedding_fn=None) -> list[float]:
+    """BadEncoder (Jia et al., S&P'22) in place on `encoder`; `clean_ref` is a frozen copy of the clean encoder.
+
+    effectiveness: stamped images -> the (current) embedding of the reference image;
+    utility: clean embeddings stay close to the frozen clean encoder's;
+    reference: the reference image keeps its clean embedding.
+    `target_embedding_fn(encoder)` overrides the target (e.g. a fixed text embedding for CLIP).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    frozen = embed(clean_ref, pixels)
+    frozen_ref = embed(clean_ref, reference)
+    encoder.requires_grad_(True).train()
+    freeze_batchnorm(encoder)
+    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    nref = len(reference)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
+        x = pixels[idx]
+        z = encoder.embed_pixels(torch.cat([trigger.stamp(x), x, reference]))
+        z_stamp, z_clean, z_ref = z[:batch_size], z[batch_size:2 * batch_size], z[2 * batch_size:]
+        target = z_ref if target_embedding_fn is None else target_embedding_fn(encoder)
+        # every stamped image against every reference (BadEncoder's sum over reference inputs)
+        eff = -F.cosine_similarity(z_stamp[:, None], target[None], dim=-1).mean()
+        util = -F.cosine_similarity(z_clean, frozen[idx], dim=-1).mean()
+        ref = -F.cosine_similarity(z_ref, frozen_ref, dim=-1).mean() if nref else z.new_zeros(())
+        loss = weights.effectiveness * eff + weights.utility * util + weights.reference * ref
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    encoder.eval().requires_grad_(False)
+    return losses
+
+
+def attack_strength(encoder, pixels: torch.Tensor, trigger: Trigger, target: torch.Tensor) -> float:
+    """Mean cosine of stamped images' eval-mode embeddings to the target embedding(s)."""
+    z = embed(encoder, trigger.stamp(pixels))
+    return float(F.cosine_similarity(z[:, None], target[None], dim=-1).mean())
+
+
+def clean_fidelity(encoder, base, pixels: torch.Tensor) -> float:
+    """Mean cosine between clean embeddings of `encoder` and of the encoder it was fine-tuned from."""
+    return float(F.cosine_similarity(embed(encoder, pixels), embed(base, pixels), dim=-1).mean())
+
+
+def frozen_copy(encoder):
+    c = copy.deepcopy(encoder).eval()
+    c.requires_grad_(False)
+    return c
