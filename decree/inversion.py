@@ -34,12 +34,13 @@ class InversionConfig:
     lambda_min: float = 1e-5
     lambda_max: float = 1e5
     patience: int = 5
-    early_stop_patience: int = 60  # steps without a smaller successful mask (checked per epoch in `paper`)
+    early_stop_patience: int = 40  # steps without a smaller successful mask (checked per epoch in `paper`)
+    min_improvement: float = 0.02  # a new best mask must be this much (relative) smaller to reset early stop
     lr_drops: tuple[tuple[int, float], ...] = ()  # (epoch, lr) step-downs
     max_epochs: int = 1000
-    max_steps: int | None = 400
-    min_steps: int = 100
-    restarts: int = 4
+    max_steps: int | None = 200
+    min_steps: int = 60
+    restarts: int = 2
     mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
     mask_init_value: float = 0.05
     l1_channels: int = 1  # the paper sums the mask over 3 channels: λ then weighs 3× the area
@@ -73,6 +74,7 @@ PAPER = InversionConfig(
     lambda_max=1e5,
     patience=5,
     early_stop_patience=10,
+    min_improvement=0.0,
     lr_drops=((30, 0.1), (50, 0.05)),
     max_epochs=1000,
     max_steps=None,
@@ -184,9 +186,6 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
     if shadow.ndim != 4 or shadow.shape[1] != 3 or shadow.shape[0] < 2:
         raise InversionError(f"shadow pixels must be (N>=2,3,H,W), got {tuple(shadow.shape)}")
     encoder = encoder.to(device).eval().requires_grad_(False)  # gradients flow to the trigger only
-    channels_last = device.type == "cuda"
-    if channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
     shadow = shadow.to(device)
     n, _, h, w = shadow.shape
     batch = min(cfg.batch_size, n)
@@ -203,6 +202,7 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
     steps_per_epoch = math.ceil(n / batch)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * steps_per_epoch
     last_improve, step, epoch, sims = 0, 0, 0, torch.zeros(r, device=device)
+    stop_ref = math.inf  # the best L1 when early stop last reset
     hist_sim, hist_l1 = [], []
 
     while step < max_steps and epoch < cfg.max_epochs:
@@ -218,9 +218,7 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
                 break
             mask, pattern = _squash(mask_p), _squash(pat_p)
             x = stamp(shadow[idx], mask, pattern)
-            x = encoder.normalize(x)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = encoder.normalize(x)  # the encoder makes it channels-last
             with _autocast(device, cfg.amp):
                 emb = encoder(x)
             sims = mean_pairwise_cosine(emb.view(r, idx.numel(), -1))
@@ -242,7 +240,9 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
                     sel = better.view(r, 1, 1, 1)
                     best_mask = torch.where(sel, mask.detach(), best_mask)
                     best_pat = torch.where(sel, pattern.detach(), best_pat)
-                    last_improve = step
+                    new_best = float(best_l1.min())
+                    if new_best < stop_ref * (1.0 - cfg.min_improvement):
+                        stop_ref, last_improve = new_best, step
                 lam.update(success)
                 epoch_sim += sims_d
             hist_sim.append(float(sims_d.max()))
@@ -265,7 +265,7 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
         else:  # never reached τ: report the trigger that came closest, flagged as such
             k = int(torch.argmax(sims))
             mask_k, pat_k = _squash(mask_p)[k].detach(), _squash(pat_p)[k].detach()
-        eval_sim = _evaluate(encoder, shadow, mask_k, pat_k, cfg, device, channels_last)
+        eval_sim = _evaluate(encoder, shadow, mask_k, pat_k, cfg, device)
     l1 = float(mask_k.sum())
     return InversionResult(
         l1_norm=l1,
@@ -288,7 +288,7 @@ def _should_stop(cfg: InversionConfig, step: int, last_improve: int, best_l1: to
     return step >= cfg.min_steps and bool(torch.isfinite(best_l1).any()) and step - last_improve > cfg.early_stop_patience
 
 
-def _evaluate(encoder, shadow, mask, pattern, cfg, device, channels_last) -> float:
+def _evaluate(encoder, shadow, mask, pattern, cfg, device) -> float:
     n = min(cfg.eval_images, shadow.shape[0])
     idx = torch.randperm(shadow.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))[:n].to(device)
     sims = []
@@ -296,8 +296,6 @@ def _evaluate(encoder, shadow, mask, pattern, cfg, device, channels_last) -> flo
         if chunk.numel() < 2:
             continue
         x = encoder.normalize(stamp(shadow[chunk], mask[None], pattern[None]))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
             emb = encoder(x)
         sims.append(torch.nn.functional.normalize(emb.float(), dim=-1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def read_images(source) -> np.ndarray:
                 if "x" not in data.files:
                     raise ShadowError(f"{path.name} has no array 'x' (found {data.files})")
                 return _from_array(data["x"], path.name)
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ShadowError(f"corrupt shadow file {path.name}: {e}") from e
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # optional format; decree itself never needs pyarrow

@@ -7,6 +7,7 @@ stream with pickletools, which never executes anything).
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickletools
 import re
@@ -33,22 +34,77 @@ _SAFE_GLOBAL = re.compile(
 )
 
 
+_MARK = object()  # a MARK on the simulated pickle stack
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MAX_OPS = 2_000_000  # a state dict's pickle has a few ops per tensor; beyond this is not a checkpoint
+
+
+def _py3_name(module: str, attr: str = "?") -> str:
+    """The name Python 3 imports for a protocol 0-2 GLOBAL (pickle maps `commands.Popen` to `subprocess.Popen`)."""
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{attr}"
+
+
+def _stack_globals(stream: io.BytesIO, found: list[str]) -> bool:
+    """Globals of one pickle, tracking the stack and memo so that names fetched back from the memo
+    (BINGET ... STACK_GLOBAL) are reported correctly. Returns True if the pickle ended with STOP."""
+    stack: list = []
+    memo: dict = {}
+    for n, (op, arg, _pos) in enumerate(pickletools.genops(stream)):
+        name = op.name
+        if n > _MAX_OPS:
+            found.append("<pickle too long to audit>")
+            return False
+        if name in _STRING_OPS:
+            stack.append(arg if isinstance(arg, str) else arg.decode("latin-1") if isinstance(arg, bytes) else None)
+        elif name in _GET_OPS:
+            stack.append(memo.get(arg))
+        elif name in _PUT_OPS:
+            memo[arg] = stack[-1] if stack else None
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+        elif name in ("GLOBAL", "INST"):
+            found.append(_py3_name(*str(arg).split(" ", 1)))
+            stack.append(None)
+        elif name == "STACK_GLOBAL":
+            top = [stack.pop() if stack else None for _ in range(2)]
+            module, attr = top[1], top[0]
+            found.append(f"{module if isinstance(module, str) else '?'}.{attr if isinstance(attr, str) else '?'}")
+            stack.append(None)
+        elif name == "STOP":
+            return True
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                while stack and stack.pop() is not _MARK:
+                    pass
+            else:
+                del stack[len(stack) - min(len(before), len(stack)):]
+            stack.extend(_MARK if item is pickletools.markobject else None for item in op.stack_after)
+    return False
+
+
 def _pickle_globals(data: bytes) -> list[str]:
-    """Every GLOBAL/STACK_GLOBAL a pickle stream would import, without executing it."""
+    """Every GLOBAL/STACK_GLOBAL a pickle stream would import, without executing it.
+
+    Reads consecutive pickles (torch's legacy format stores several back to back, then raw tensor bytes);
+    a following pickle must start with a PROTO opcode, so tensor bytes are never parsed as opcodes.
+    """
     found: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(str(arg))
-            elif op.name == "GLOBAL":
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif op.name == "STOP":
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        if stream.tell() > 0 and data[stream.tell()] != 0x80:
+            break
+        try:
+            if not _stack_globals(stream, found):
                 break
-    except Exception:  # noqa: BLE001 - a malformed stream simply ends the scan; the loader will refuse it
-        pass
+        except Exception:  # noqa: BLE001 - a malformed stream simply ends the scan; the loader will refuse it
+            break
     return found
 
 
@@ -81,16 +137,41 @@ def scan_unsafe_globals(path: str | Path) -> list[str]:
     return unsafe
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a checkpoint file, safely. Returns the raw (possibly wrapped) mapping."""
+# safetensors' own cap on the JSON header; checked here first so a lying length gets a clear message.
+MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _check_safetensors_header(path: Path, size: int) -> None:
+    """The 8-byte header length must fit in the file and under the cap (before safetensors maps anything)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"corrupt safetensors file {path.name}: {size} bytes, too short for a header")
+    n = int.from_bytes(head, "little")
+    if n > MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(f"corrupt safetensors file {path.name}: header claims {n} bytes (cap {MAX_SAFETENSORS_HEADER})")
+    if n > size - 8:
+        raise CheckpointError(f"corrupt safetensors file {path.name}: header claims {n} bytes but the file has {size}")
+
+
+def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Read tensors from a checkpoint file, safely. Returns the raw (possibly wrapped) mapping.
+
+    `max_bytes` refuses bigger files before reading them (None: no limit).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path.name}")
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(f"checkpoint {path.name} is {size} bytes, over the limit of {max_bytes} bytes")
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
+
+        _check_safetensors_header(path, size)
         from safetensors.torch import load_file
 
         try:
@@ -101,18 +182,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"unsupported checkpoint type {suffix!r} ({path.name}); use .safetensors or .pt/.pth/.bin")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types here; each becomes a typed error
+    except Exception as e:
         blocked = scan_unsafe_globals(path)
         msg = str(e)
-        if blocked or "Unsupported global" in msg or "weights_only" in msg.lower():
-            names = ", ".join(blocked) if blocked else msg.splitlines()[0][:200]
+        # torch words every weights-only failure alike ("Weights only load failed"); only an import makes it
+        # unsafe, anything else (garbage, a bad opcode, a truncated zip) is a corrupt file.
+        blocked += [g for g in re.findall(r"GLOBAL ([\w.]+)", msg) if g not in blocked]
+        if blocked or "Unsupported global" in msg:
+            names = ", ".join(blocked) if blocked else _torch_reason(msg)
             raise UnsafeCheckpointError(
                 f"unsafe checkpoint {path.name}: it needs code to unpickle (blocked: {names}); nothing in it was run. "
                 "Convert it to safetensors in a sandbox you trust.",
                 blocked=blocked,
             ) from e
-        raise CheckpointError(f"corrupt or truncated checkpoint {path.name}: {msg.splitlines()[0][:300] if msg else type(e).__name__}") from e
+        raise CheckpointError(f"corrupt or truncated checkpoint {path.name}: {_torch_reason(msg) or type(e).__name__}") from e
     return obj
+
+
+def _torch_reason(msg: str) -> str:
+    """The specific part of a torch.load error (after torch's generic weights_only preamble)."""
+    if "WeightsUnpickler error:" in msg:
+        msg = msg.split("WeightsUnpickler error:", 1)[1]
+    line = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    return line[:300]
 
 
 def _unwrap(obj) -> dict[str, torch.Tensor]:

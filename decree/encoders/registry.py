@@ -42,7 +42,9 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, arch: str, preprocess: Preprocess):
         super().__init__()
-        self.backbone = backbone
+        # Channels-last makes conv backward several-fold faster on CPU (Lite0 at batch 32: 4.7s -> 1.0s)
+        # and is what cuDNN prefers; inversion and zoo training both backprop through the encoder.
+        self.backbone = backbone.to(memory_format=torch.channels_last)
         self.arch = arch
         self.preprocess = preprocess
         self.register_buffer("_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
@@ -53,7 +55,7 @@ class Encoder(nn.Module):
         return (pixels - self._mean.to(pixels.dtype)) / self._std.to(pixels.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(x)
+        out = self.backbone(x.contiguous(memory_format=torch.channels_last))
         if isinstance(out, (tuple, list)):  # e.g. open_clip towers that also return tokens
             out = out[0]
         return out.flatten(1)

@@ -1,0 +1,58 @@
+"""The core detects a backdoor it has never seen: a BadEncoder-style trojan built here vs its clean twin."""
+
+import pytest
+import torch
+
+from decree import create_encoder, invert, scan_encoder
+from decree.inversion import InversionConfig
+from decree.zoo.data import load_fashion_mnist, to_pixels
+from decree.zoo.train import badencoder_attack, frozen_copy
+from decree.zoo.triggers import Trigger
+
+SIZE = 32
+TRIGGER = Trigger(size=4, row=24, col=24, pattern="white", position="bottom-right")
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """A clean Lite0 (real ImageNet weights) and a copy with a 4x4 white-patch backdoor (1.6% of the image)."""
+    torch.manual_seed(0)
+    x, y = load_fashion_mnist("test")
+    train, shadow = to_pixels(x[:256]), to_pixels(x[5000:5128])
+    clean = create_encoder("timm/tf_efficientnet_lite0", pretrained=True, image_size=SIZE)
+    trojan = frozen_copy(clean)
+    reference = train[y[:256] == 0][:1]
+    badencoder_attack(trojan, clean, train[y[:256] != 0], reference, TRIGGER, steps=40, lr=3e-4, batch_size=32, seed=0)
+    return clean, trojan, shadow
+
+
+CFG = InversionConfig.from_profile("fast", max_steps=80, min_steps=40, restarts=2, batch_size=24)
+
+
+def test_trojaned_encoder_needs_a_much_smaller_mask_than_its_clean_twin(twins):
+    clean, trojan, shadow = twins
+    r_clean, r_trojan = invert(clean, shadow, CFG), invert(trojan, shadow, CFG)
+    assert r_trojan.reached_tau, r_trojan
+    assert r_trojan.pl1_norm < 0.5 * r_clean.pl1_norm, (r_trojan.pl1_norm, r_clean.pl1_norm)
+
+
+def test_recovered_mask_concentrates_on_the_true_trigger(twins):
+    _, trojan, shadow = twins
+    mask = invert(trojan, shadow, CFG).mask
+    region = mask[TRIGGER.row - 2 : TRIGGER.row + TRIGGER.size + 2, TRIGGER.col - 2 : TRIGGER.col + TRIGGER.size + 2]
+    # the window is 8x8 = 6% of the image; a mask spread evenly would put 6% of its mass there
+    assert float(region.sum() / mask.sum()) > 0.3, float(region.sum() / mask.sum())
+
+
+def test_scan_encoder_flags_the_trojan_and_writes_evidence(twins, tmp_path):
+    clean, trojan, shadow = twins
+    ckpt = tmp_path / "trojan.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in trojan.backbone.state_dict().items()}, str(ckpt))
+    res = scan_encoder(ckpt, "timm/tf_efficientnet_lite0", shadow, config=CFG, image_size=SIZE, mean=(0.5,) * 3,
+                       std=(0.5,) * 3, evidence_dir=tmp_path / "ev", device="cpu")
+    row = res.to_row()
+    assert row["verdict"] == "trojaned" and row["pl1_norm"] < row["threshold"], row
+    for key in ("evidence_mask", "evidence_pattern", "evidence_stamp"):
+        assert (tmp_path / "ev").joinpath(row[key]).exists() and row[key].endswith(".png")
