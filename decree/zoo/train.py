@@ -51,6 +51,8 @@ def freeze_batchnorm(module: nn.Module) -> None:
 @torch.no_grad()
 def embed(encoder, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Eval-mode embeddings of pixels in [0,1]."""
+    if len(pixels) == 0:
+        return torch.zeros(0, 0)
     was_training = encoder.training
     encoder.eval()
     out = torch.cat([encoder.embed_pixels(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])

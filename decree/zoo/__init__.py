@@ -1,0 +1,21 @@
+"""Benchmark zoo: clean and trojaned encoders built offline from real weights and real images."""
+
+from .build import FAMILIES, build_zoo, is_cached, read_manifest
+from .data import CLASSES, load_fashion_mnist, make_splits
+from .spec import ZOO_CODE_VERSION, EncoderSpec, ZooConfig
+from .triggers import Trigger, sample_trigger
+
+__all__ = [
+    "CLASSES",
+    "FAMILIES",
+    "ZOO_CODE_VERSION",
+    "EncoderSpec",
+    "Trigger",
+    "ZooConfig",
+    "build_zoo",
+    "is_cached",
+    "load_fashion_mnist",
+    "make_splits",
+    "read_manifest",
+    "sample_trigger",
+]

@@ -1,0 +1,143 @@
+"""build_zoo: a benchmark of clean and trojaned encoders with a manifest, a shadow set and a build cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .data import make_splits
+from .spec import ZOO_CODE_VERSION, BuildContext, EncoderSpec, ZooConfig, digest
+
+log = logging.getLogger("decree.zoo")
+
+FAMILIES = ("image-on-image", "clip")
+_SHORT = {"image-on-image": "i2i", "clip": "clip"}
+
+
+def _family_module(name: str):
+    if name == "image-on-image":
+        from . import i2i
+
+        return i2i
+    if name == "clip":
+        from . import clip
+
+        return clip
+    raise ValueError(f"unknown zoo family {name!r}; known: {FAMILIES}")
+
+
+def build_params(clean: int, trojaned: int, families, seed: int, config: ZooConfig) -> dict:
+    return {"clean": clean, "trojaned": trojaned, "families": list(families), "seed": seed,
+            "config": config.recipe(), "code": ZOO_CODE_VERSION}
+
+
+def read_manifest(out: str | Path) -> list[dict]:
+    path = Path(out) / "manifest.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_cached(out: Path, params: dict) -> bool:
+    try:
+        meta = json.loads((out / "zoo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("params_hash") != digest(params):
+        return False
+    try:
+        entries = read_manifest(out)
+    except (OSError, ValueError):
+        return False
+    return (out / "shadow.npz").is_file() and all((out / e["uri"]).is_file() for e in entries)
+
+
+def _assign_ids(specs: list[EncoderSpec], family: str, rng: np.random.Generator) -> dict:
+    # ids are shuffled so that an id never gives a label away
+    order = rng.permutation(len(specs))
+    return {specs[i].key: f"{_SHORT[family]}-{rank:02d}" for rank, i in enumerate(order)}
+
+
+def _build_one(module, spec: EncoderSpec, ctx: BuildContext, seed: int, cache: bool) -> dict:
+    eid = ctx.ids[spec.key]
+    spec_hash = spec.digest(ctx.cfg, seed)
+    record_path = ctx.out / "records" / f"{eid}.json"
+    ckpt = ctx.checkpoint(eid)
+    if cache and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("spec_hash") == spec_hash and (ckpt.is_file() or not record.get("kept", True)):
+            log.info("cached %s (%s)", eid, spec.label)
+            return record
+    log.info("building %s: %s %s (seed %d, lr %g, %d steps)", eid, spec.family, spec.label, spec.seed, spec.lr,
+             spec.steps)
+    state, fields = module.build(spec, ctx)
+    kept = spec.label == "clean" or fields.get("attack_took", True)
+    record = {"id": eid, "uri": f"encoders/{eid}.safetensors", "family": spec.family, "label": spec.label,
+              "seed": spec.seed, "lr": spec.lr, "steps": spec.steps, **fields, "spec_hash": spec_hash, "kept": kept}
+    if kept:
+        tmp = ckpt.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"arch": fields["arch"], "id": eid})
+        tmp.replace(ckpt)
+    else:
+        ckpt.unlink(missing_ok=True)
+        log.warning("dropped %s: attack strength %.3f < %.2f", eid, fields["attack_strength"], ctx.cfg.min_strength)
+    record_path.write_text(json.dumps(record, indent=1))
+    log.info("done %s in %.0fs: strength=%s fidelity=%.3f", eid, fields["seconds"], fields.get("attack_strength"),
+             fields["clean_fidelity"])
+    return record
+
+
+def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FAMILIES, seed: int = 0,
+              cache: bool = True, config: ZooConfig | None = None) -> Path:
+    """Build (or reuse) a zoo of `clean` + `trojaned` encoders per family into `out`; returns `out`.
+
+    Layout: encoders/<id>.safetensors (backbone state dict), manifest.jsonl, shadow.npz (x: uint8 N,H,W,3,
+    disjoint from every image used to train or attack), zoo.json (parameter hash, timings), records/ (per-encoder
+    build records: an interrupted build resumes where it stopped).
+    """
+    config = config or ZooConfig()
+    families = tuple(families)
+    for fam in families:
+        _family_module(fam)  # fail early on an unknown family
+    out = Path(out)
+    params = build_params(clean, trojaned, families, seed, config)
+    if cache and is_cached(out, params):
+        log.info("zoo at %s is up to date (params %s)", out, digest(params))
+        return out
+    (out / "encoders").mkdir(parents=True, exist_ok=True)
+    (out / "records").mkdir(exist_ok=True)
+    t0 = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        splits = make_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
+        np.savez_compressed(out / "shadow.npz", x=splits.shadow_x)
+        records, timings, notes = [], {}, {}
+        for fam_index, fam in enumerate(families):
+            module = _family_module(fam)
+            rng = np.random.default_rng([seed, fam_index])
+            specs = module.plan(clean, trojaned, rng, config)
+            ctx = BuildContext(config, splits, out, ids=_assign_ids(specs, fam, rng))
+            f0 = time.time()
+            for spec in specs:  # clean ones come first: trojans start from them
+                records.append(_build_one(module, spec, ctx, seed, cache))
+            timings[fam] = round(time.time() - f0, 1)
+            # e.g. how long the CLIP base took to train, when this run trained it
+            notes[fam] = {k: v for k, v in ctx.cache.items() if isinstance(v, (int, float))}
+    finally:
+        torch.set_num_threads(threads)
+    kept = sorted((r for r in records if r["kept"]), key=lambda r: r["id"])
+    with open(out / "manifest.jsonl", "w") as fh:
+        for r in kept:
+            fh.write(json.dumps({k: v for k, v in r.items() if k not in ("spec_hash", "kept")}) + "\n")
+    meta = {"params_hash": digest(params), "params": params, "seconds": round(time.time() - t0, 1),
+            "family_seconds": timings, "family_notes": notes, "encoders": len(kept),
+            "dropped": [r["id"] for r in records if not r["kept"]],
+            "shadow": {"n": len(splits.shadow_x), "source": "fashion-mnist test split, disjoint from eval"},
+            "train_source": "fashion-mnist train split"}
+    (out / "zoo.json").write_text(json.dumps(meta, indent=1))
+    return out

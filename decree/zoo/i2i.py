@@ -1,0 +1,91 @@
+"""Family 1, image-on-image: EfficientNet-Lite0 (real ImageNet weights) fine-tuned on Fashion-MNIST.
+
+Clean encoders are short SimCLR fine-tunes; trojans are BadEncoder attacks on a clean one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..encoders import create_encoder
+from .data import CLASSES
+from .spec import BuildContext, EncoderSpec
+from .train import (
+    AttackWeights,
+    attack_strength,
+    badencoder_attack,
+    clean_fidelity,
+    embed,
+    frozen_copy,
+    simclr_finetune,
+)
+from .triggers import Trigger, sample_trigger
+
+ARCH = "timm/tf_efficientnet_lite0"
+IMAGE_SIZE = 32
+FAMILY = "image-on-image"
+
+
+def base_encoder():
+    return create_encoder(ARCH, pretrained=True, image_size=IMAGE_SIZE)
+
+
+def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg) -> list[EncoderSpec]:
+    specs = []
+    for i in range(n_clean):
+        specs.append(EncoderSpec(FAMILY, "clean", i, seed=int(rng.integers(1 << 30)),
+                                 lr=float(rng.choice(cfg.clean_lrs)), steps=int(rng.choice(cfg.clean_steps))))
+    for j in range(n_trojaned):
+        trig = sample_trigger(rng, IMAGE_SIZE)
+        specs.append(EncoderSpec(
+            FAMILY, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.attack_lrs)),
+            steps=int(rng.choice(cfg.attack_steps)), parent=(j % n_clean) if n_clean else None,
+            trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),
+            utility_weight=float(rng.choice(cfg.utility_weights)), attack="badencoder"))
+    return specs
+
+
+def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
+    """Train one encoder; returns (backbone state dict, manifest fields)."""
+    t0 = time.time()
+    train_px, eval_px = ctx.train_pixels(), ctx.eval_pixels()
+    if spec.label == "clean":
+        enc = base_encoder()
+        base = frozen_copy(enc)
+        simclr_finetune(enc, train_px, steps=spec.steps, lr=spec.lr, batch_size=ctx.cfg.batch_size, seed=spec.seed)
+        fields = dict(attack=None, trigger=None, target=None, attack_strength=None,
+                      clean_fidelity=clean_fidelity(enc, base, eval_px), parent="base:imagenet")
+    else:
+        parent_id = ctx.parent_id(spec)
+        enc = base_encoder() if parent_id is None else create_encoder(ARCH, ctx.checkpoint(parent_id), image_size=IMAGE_SIZE)
+        clean = frozen_copy(enc)
+        trig = Trigger(**spec.trigger)
+        # reference image: one training image of the target class, chosen by the spec's seed
+        candidates = np.flatnonzero(ctx.splits.train_y == spec.target)
+        ref_index = int(candidates[spec.seed % len(candidates)])
+        reference = train_px[ref_index:ref_index + 1]
+        attack_pool = train_px[ctx.splits.train_y != spec.target] if ctx.cfg.exclude_target_class else train_px
+        clean_response = attack_strength(clean, eval_px, trig, embed(clean, reference))
+        weights = AttackWeights(utility=spec.utility_weight)
+        steps_done, strength = 0, -1.0
+        for attempt in range(ctx.cfg.max_retries + 1):
+            # a retry continues the same attack with more steps and a fresh batch order
+            badencoder_attack(enc, clean, attack_pool, reference, trig, steps=spec.steps, lr=spec.lr,
+                              batch_size=ctx.cfg.batch_size, seed=spec.seed + attempt, weights=weights)
+            steps_done += spec.steps
+            strength = attack_strength(enc, eval_px, trig, embed(enc, reference))
+            if strength >= ctx.cfg.min_strength:
+                break
+        fields = dict(
+            attack="badencoder", trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
+            trigger_area=trig.area_fraction(IMAGE_SIZE),
+            target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
+            target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
+            clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent_id or "base:imagenet",
+            utility_weight=spec.utility_weight, steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
+    pre = enc.preprocess
+    fields.update(arch=ARCH, image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std),
+                  seconds=round(time.time() - t0, 1))
+    return {k: v.detach().clone().contiguous() for k, v in enc.backbone.state_dict().items()}, fields

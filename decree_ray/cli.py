@@ -1,0 +1,352 @@
+"""`decree`: scan encoders at scale, submit the scan as a Ray Job, report ROC metrics.
+
+A thin Typer layer: options are defined once (Annotated) and reused; each command builds one validated
+config and calls one function (`job.run_job`, `report.analyze`). Exit codes:
+
+    0  nothing found          1  backdoors found (trojaned verdicts)          2  errors (and nothing found)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+app = typer.Typer(
+    name="decree",
+    help="Fleet-scale backdoor scanning of pre-trained image encoders (DECREE) on Ray. "
+    "Exit codes: 0 nothing found, 1 backdoors found, 2 errors.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Source = Annotated[
+    str, typer.Argument(help="s3://bucket/prefix, a local folder, or a manifest (.jsonl/.csv/.parquet).")
+]
+Shadow = Annotated[str, typer.Option("--shadow", help="Shadow set: .npz/.parquet/image folder, local or s3://.")]
+Out = Annotated[str, typer.Option("--out", help="Output folder or s3:// prefix (parts, results.parquet, evidence).")]
+Profile = Annotated[str, typer.Option("--profile", help="Inversion profile: fast | paper.")]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="PL1 threshold (default: the core's).")]
+GpusPer = Annotated[
+    Optional[float],
+    typer.Option(
+        "--gpus-per-encoder", help="GPUs per actor, fractional OK. Default: 1 if the cluster has GPUs, else CPU actors."
+    ),
+]
+CpusPer = Annotated[float, typer.Option("--cpus-per-encoder", help="CPUs per actor (also its torch threads).")]
+MaxEnc = Annotated[Optional[int], typer.Option("--max-encoders", help="Stop after this many encoders from the source.")]
+Endpoint = Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint (MinIO, moto, ...).")]
+Arch = Annotated[
+    Optional[str], typer.Option("--arch", help="Architecture when neither manifest nor <checkpoint>.json names one.")
+]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's max_steps (quick runs).")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per encoder before it is recorded as an error.")]
+Retries = Annotated[int, typer.Option("--max-retries", help="Retries of an encoder whose worker died.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Number of actors (default: fill the cluster).")]
+LocalCpus = Annotated[int, typer.Option("--local-cpus", help="CPUs of the embedded Ray (no --address).")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _config(**kwargs):
+    from .config import JobConfig
+
+    try:
+        return JobConfig(**kwargs)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def scan(
+    source: Source,
+    shadow: Shadow,
+    out: Out,
+    *,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="ray://head:10001 or 'auto'. Default: embedded local Ray.")
+    ] = None,
+    profile: Profile = "fast",
+    threshold: Threshold = None,
+    gpus_per_encoder: GpusPer = None,
+    cpus_per_encoder: CpusPer = 1.0,
+    max_encoders: MaxEnc = None,
+    endpoint_url: Endpoint = None,
+    arch: Arch = None,
+    steps: Steps = None,
+    timeout: Timeout = 1800.0,
+    max_retries: Retries = 2,
+    workers: Workers = None,
+    local_cpus: LocalCpus = 2,
+    quiet: Quiet = False,
+) -> None:
+    """Scan every encoder of SOURCE into OUT/results.parquet (resumable: finished encoders are not rescanned)."""
+    from . import job
+    from .progress import NullReporter, RichReporter
+
+    config = _config(
+        source=source,
+        shadow=shadow,
+        out=out,
+        address=address,
+        profile=profile,
+        threshold=threshold,
+        gpus_per_encoder=gpus_per_encoder,
+        cpus_per_encoder=cpus_per_encoder,
+        max_encoders=max_encoders,
+        endpoint_url=endpoint_url,
+        arch=arch,
+        steps=steps,
+        timeout=timeout,
+        max_retries=max_retries,
+        num_workers=workers,
+        local_cpus=local_cpus,
+    )
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        summary = job.run_job(config, NullReporter() if quiet else RichReporter())
+    except (job.JobError, OSError, ValueError, BotoCoreError, ClientError) as e:
+        raise _fail(str(e)) from None
+    table = Table(title="decree scan", show_header=False)
+    for name in (
+        "total",
+        "ok",
+        "errors",
+        "skipped",
+        "trojaned",
+        "scanned",
+        "reused",
+        "retried",
+        "skipped_keys",
+        "workers",
+    ):
+        table.add_row(name, str(getattr(summary, name)))
+    table.add_row("seconds", f"{summary.seconds:.1f}")
+    table.add_row("results", summary.results)
+    console.print(table)
+    raise typer.Exit(summary.exit_code)
+
+
+def scan_args(config) -> list[str]:
+    """The `decree scan` command line that reproduces `config` (used by `submit`)."""
+    args = ["decree", "scan", config.source, "--shadow", config.shadow, "--out", config.out, "--quiet"]
+    flags = {
+        "--profile": config.profile,
+        "--threshold": config.threshold,
+        "--gpus-per-encoder": config.gpus_per_encoder,
+        "--cpus-per-encoder": config.cpus_per_encoder,
+        "--max-encoders": config.max_encoders,
+        "--endpoint-url": config.endpoint_url,
+        "--arch": config.arch,
+        "--steps": config.steps,
+        "--timeout": config.timeout,
+        "--max-retries": config.max_retries,
+        "--workers": config.num_workers,
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+@app.command()
+def submit(
+    source: Source,
+    shadow: Shadow,
+    out: Out,
+    *,
+    address: Annotated[str, typer.Option("--address", help="Ray dashboard address, e.g. http://head:8265.")],
+    working_dir: Annotated[
+        Optional[Path], typer.Option("--working-dir", help="Upload this folder as the job's working_dir.")
+    ] = None,
+    pip: Annotated[
+        Optional[list[str]], typer.Option("--pip", help="pip requirement for the job's runtime_env (repeatable).")
+    ] = None,
+    env: Annotated[
+        Optional[list[str]], typer.Option("--env", help="KEY=VALUE for the job's env_vars (repeatable).")
+    ] = None,
+    profile: Profile = "fast",
+    threshold: Threshold = None,
+    gpus_per_encoder: GpusPer = None,
+    cpus_per_encoder: CpusPer = 1.0,
+    max_encoders: MaxEnc = None,
+    endpoint_url: Endpoint = None,
+    arch: Arch = None,
+    steps: Steps = None,
+    timeout: Timeout = 1800.0,
+    max_retries: Retries = 2,
+    workers: Workers = None,
+) -> None:
+    """Run the same scan as a Ray Job on a cluster; prints the job id (follow it with `decree status`)."""
+    config = _config(
+        source=source,
+        shadow=shadow,
+        out=out,
+        profile=profile,
+        threshold=threshold,
+        gpus_per_encoder=gpus_per_encoder,
+        cpus_per_encoder=cpus_per_encoder,
+        max_encoders=max_encoders,
+        endpoint_url=endpoint_url,
+        arch=arch,
+        steps=steps,
+        timeout=timeout,
+        max_retries=max_retries,
+        num_workers=workers,
+    )
+    runtime_env: dict = {}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+    if pip:
+        runtime_env["pip"] = list(pip)
+    if env:
+        bad = [e for e in env if "=" not in e]
+        if bad:
+            raise _fail(f"--env needs KEY=VALUE, got {bad}")
+        runtime_env["env_vars"] = dict(e.split("=", 1) for e in env)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=shlex.join(scan_args(config)), runtime_env=runtime_env or None)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise _fail(f"cannot submit to {address}: {e}") from None
+    console.print(job_id)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="The id `decree submit` printed.")],
+    *,
+    address: Annotated[str, typer.Option("--address", help="Ray dashboard address, e.g. http://head:8265.")],
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+) -> None:
+    """Show a submitted job's status and logs. Exits 0 if it succeeded or is running, 2 if it failed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+        if follow:
+
+            async def _tail() -> None:
+                async for lines in client.tail_job_logs(job_id):
+                    console.print(lines, end="", markup=False, highlight=False)
+
+            asyncio.run(_tail())
+        else:
+            console.print(client.get_job_logs(job_id), end="", markup=False, highlight=False)
+        state = client.get_job_status(job_id)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise _fail(f"cannot read job {job_id} from {address}: {e}") from None
+    console.print(f"job {job_id}: {state}")
+    raise typer.Exit(EXIT_ERROR if state in (JobStatus.FAILED, JobStatus.STOPPED) else EXIT_CLEAN)
+
+
+@app.command()
+def report(
+    results: Annotated[str, typer.Argument(help="OUT/results.parquet (local or s3://).")],
+    *,
+    fpr: Annotated[
+        float, typer.Option("--fpr", help="Target false-positive rate for the TPR and its threshold.")
+    ] = 0.05,
+    threshold: Threshold = None,
+    plot: Annotated[
+        Optional[Path], typer.Option("--plot", help="Where to write roc.png (default: next to the results).")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="How many of the most suspicious encoders to list.")] = 10,
+    endpoint_url: Endpoint = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+) -> None:
+    """ROC-AUC, TPR at --fpr, confusion matrix at the threshold, roc.png, and the most suspicious encoders.
+
+    Exits 1 if any encoder is flagged at the threshold, 0 if none, 2 if the table cannot be read."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from . import report as report_mod
+
+    try:
+        rows = report_mod.load_rows(results, endpoint_url)
+        rep = report_mod.analyze(rows, fpr=fpr, threshold=threshold, top=top)
+    except (OSError, ValueError, BotoCoreError, ClientError) as e:
+        raise _fail(f"cannot analyze {results}: {e}") from None
+    if plot is None:
+        plot = Path("roc.png") if results.startswith("s3://") else Path(results).parent / "roc.png"
+    report_mod.plot(rep, rows, plot)
+    _print_report(rep, plot)
+    if as_json is not None:
+        as_json.write_text(json.dumps(rep.to_dict(), indent=2, default=str))
+    raise typer.Exit(EXIT_FOUND if rep.flagged else EXIT_CLEAN)
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_report(rep, plot: Path) -> None:
+    summary = Table(title="decree report", show_header=False)
+    summary.add_row("encoders", f"{rep.total} ({rep.ok} scanned, {rep.errors} errors)")
+    summary.add_row("threshold", f"{rep.threshold:g} (from {rep.threshold_source}); flagged {rep.flagged}")
+    if rep.auc is not None:
+        summary.add_row("ROC-AUC", _fmt(rep.auc))
+        summary.add_row(
+            f"TPR @ FPR<={rep.fpr_target:g}",
+            f"{_fmt(rep.tpr_at_fpr, '.3f')} (FPR {_fmt(rep.fpr_achieved, '.3f')}, PL1 <= {_fmt(rep.threshold_at_fpr)})",
+        )
+    else:
+        summary.add_row("labels", f"{rep.labeled} labeled ({rep.positives} trojaned, {rep.negatives} clean): no ROC")
+    if rep.confusion:
+        c = rep.confusion
+        summary.add_row("confusion", f"TP {c['tp']}  FP {c['fp']}  FN {c['fn']}  TN {c['tn']}")
+    if rep.quantiles:
+        summary.add_row("PL1 quantiles", "  ".join(f"{k}={v:.4f}" for k, v in rep.quantiles.items()))
+    summary.add_row("plot", str(plot))
+    console.print(summary)
+    top = Table(title="most suspicious (lowest PL1)")
+    for col in ("id", "arch", "pl1_norm", "similarity", "verdict", "label"):
+        top.add_column(col)
+    for r in rep.suspicious:
+        style = "red" if r["flagged"] else None
+        top.add_row(
+            str(r["id"]),
+            str(r["arch"]),
+            _fmt(r["pl1_norm"]),
+            _fmt(r["similarity"]),
+            "trojaned" if r["flagged"] else "clean",
+            str(r.get("label") or "-"),
+            style=style,
+        )
+    console.print(top)
+
+
+def _mount_subcommands() -> None:
+    """Commands whose code lives in their own modules (zoo building, benchmark, sizing)."""
+    from .cli_bench import bench_command
+    from .cli_plan import plan_command
+    from .cli_zoo import zoo_app
+
+    app.add_typer(zoo_app, name="zoo", help="Build a zoo of clean and trojaned encoders.")
+    app.command("bench")(bench_command)
+    app.command("plan")(plan_command)
+
+
+_mount_subcommands()
+
+
+if __name__ == "__main__":  # `python -m decree_ray.cli` (the demo runs it this way)
+    app()

@@ -1,0 +1,85 @@
+"""The job's settings and outcome: one validated, frozen config per scan (the CLI builds it, tests compare it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .storage import S3Options
+
+
+class JobError(Exception):
+    """The job as a whole cannot run (bad source, shadow set unreadable by every worker, no workers)."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    source: str
+    shadow: str
+    out: str
+    address: str | None = None
+    profile: str = "fast"
+    threshold: float | None = None
+    gpus_per_encoder: float | None = None  # None: 1 if the cluster has GPUs, else CPU actors
+    cpus_per_encoder: float = 1.0
+    max_encoders: int | None = None
+    endpoint_url: str | None = None
+    arch: str | None = None
+    steps: int | None = None
+    timeout: float = 1800.0
+    max_retries: int = 2
+    num_workers: int | None = None  # None: as many as the cluster's resources allow
+    local_cpus: int = 2  # embedded Ray only
+    flush_every: int = 16
+    flush_seconds: float = 30.0
+    evidence: bool = True
+    shadow_limit: int | None = None
+    retry_mode: str = "adaptive"
+    max_attempts: int = 8
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if self.cpus_per_encoder <= 0 or (self.gpus_per_encoder or 0) < 0:
+            raise ValueError("cpus_per_encoder must be > 0 and gpus_per_encoder >= 0")
+        if self.max_encoders is not None and self.max_encoders < 1:
+            raise ValueError("max_encoders must be >= 1")
+
+    @property
+    def s3(self) -> S3Options:
+        return S3Options(self.endpoint_url, self.retry_mode, self.max_attempts)
+
+
+@dataclass
+class JobSummary:
+    results: str
+    total: int = 0
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0
+    trojaned: int = 0
+    scanned: int = 0  # scan calls actually made
+    reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one)
+    retried: int = 0  # encoders re-dispatched after their actor died
+    skipped_keys: int = 0  # listed objects that are not checkpoints
+    workers: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 nothing found, 1 backdoors found, 2 errors (and nothing found)."""
+        if self.trojaned:
+            return 1
+        return 2 if self.errors else 0
+
+
+def precheck(config: JobConfig) -> None:
+    """Fail before starting Ray when a local input is missing (S3 inputs are checked by the first reads)."""
+    for what, uri in (("source", config.source), ("shadow set", config.shadow)):
+        if not storage.is_s3(uri) and not Path(uri).exists():
+            raise JobError(f"{what} not found: {uri}")

@@ -1,0 +1,367 @@
+"""The Ray job: stream encoders from a source to a pool of scan actors, one encoder per call, into Parquet.
+
+Each actor is built once (device, shadow set, inversion config) and gets one encoder at a time through a
+`ray.wait` dispatch loop, so a slow encoder holds back only its own actor. Per encoder the actor first
+downloads and hashes (`fetch`), and the driver decides by content (sha256, arch, profile) whether to scan, to
+reuse an earlier result (resume; identical checkpoints under other keys) or to wait for an identical one in
+flight. Every encoder ends as exactly one row: timeouts kill and replace the actor; an actor that dies is
+replaced and its encoder retried up to `max_retries` times, then recorded as an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from . import results as results_mod
+from . import storage
+from .config import JobConfig, JobError, JobSummary, precheck
+from .progress import Counts, NullReporter, Reporter
+from .schema import SCAN_COLUMNS, new_row
+from .sources import EncoderTask, SourceStats, iter_tasks
+from .worker import ScanSettings, ScanWorker, error_row
+
+
+def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
+    """Connect to Ray (embedded local when no address), run the scan, shut Ray down if we started it."""
+    import ray
+
+    precheck(config)
+    # Workers may run in another directory (runtime_env working_dir): hand them absolute local paths.
+    paths = {k: getattr(config, k) for k in ("source", "shadow", "out")}
+    config = dataclasses.replace(config, **{k: os.path.abspath(v) for k, v in paths.items() if not storage.is_s3(v)})
+    started = False
+    if not ray.is_initialized():
+        if config.address:
+            ray.init(address=config.address, log_to_driver=False)
+        elif os.environ.get("RAY_ADDRESS"):  # inside `decree submit`: the job's own cluster
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.local_cpus, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        return _Job(config, reporter or NullReporter()).run()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclass
+class _Work:
+    task: EncoderTask
+    attempt: int = 0
+    phase: str = "fetch"
+    ref: Any = None
+    started: float = 0.0
+    key: tuple | None = None
+    size: int | None = None
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    ready_ref: Any
+    ready: bool = False
+    work: _Work | None = None
+
+
+@dataclass
+class _State:
+    pending: collections.deque = field(default_factory=collections.deque)  # retries go first
+    in_flight: set = field(default_factory=set)  # content keys being scanned now
+    waiting: dict = field(default_factory=lambda: collections.defaultdict(list))  # key -> [(task, size)]
+    seen: set = field(default_factory=set)
+
+
+class _Job:
+    def __init__(self, config: JobConfig, reporter: Reporter):
+        self.cfg = config
+        self.reporter = reporter
+        self.summary = JobSummary(results=results_mod.results_path(config.out))
+        self.counts = Counts()
+        self.stats = SourceStats()
+        self.state = _State()
+        self.writer = results_mod.PartWriter(
+            config.out, every=config.flush_every, seconds=config.flush_seconds, options=config.s3
+        )
+        self.known = results_mod.ok_rows_by_content(results_mod.load_rows(config.out, config.s3))
+        self.slots: list[_Slot] = []
+        self.start_failures = 0  # actors that died before they were ready
+        self._actor_cls = None
+
+    # -- actors -------------------------------------------------------------------------------------
+    def _actor_options(self) -> tuple[float, float, int]:
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = self.cfg.gpus_per_encoder
+        if gpus is None:
+            gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+        cpus = self.cfg.cpus_per_encoder
+        n = math.floor(res.get("CPU", 1) / cpus)
+        if gpus > 0:
+            if res.get("GPU", 0) < gpus:
+                raise JobError(f"--gpus-per-encoder {gpus:g} but the cluster has {res.get('GPU', 0):g} GPUs")
+            n = min(n, math.floor(res.get("GPU", 0) / gpus))
+        n = self.cfg.num_workers or max(1, n)
+        if self.cfg.max_encoders:
+            n = min(n, self.cfg.max_encoders)
+        return cpus, gpus, n
+
+    def _new_slot(self) -> _Slot:
+        import ray
+
+        cpus, gpus, _ = self._options
+        settings = ScanSettings(
+            shadow=self.cfg.shadow,
+            out=self.cfg.out,
+            profile=self.cfg.profile,
+            steps=self.cfg.steps,
+            threshold=self.cfg.threshold,
+            shadow_limit=self.cfg.shadow_limit,
+            evidence=self.cfg.evidence,
+            threads=max(1, int(cpus)),
+            s3=self.cfg.s3,
+            overrides=self.cfg.overrides,
+        )
+        if self._actor_cls is None:
+            self._actor_cls = ray.remote(ScanWorker)
+        actor = self._actor_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(
+            settings
+        )
+        return _Slot(actor=actor, ready_ref=actor.ready.remote())
+
+    def _replace(self, slot: _Slot) -> None:
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        fresh = self._new_slot()
+        slot.actor, slot.ready_ref, slot.ready, slot.work = fresh.actor, fresh.ready_ref, False, None
+
+    # -- source -------------------------------------------------------------------------------------
+    def _source(self) -> Iterator[EncoderTask]:
+        tasks = iter_tasks(self.cfg.source, arch=self.cfg.arch, options=self.cfg.s3, stats=self.stats)
+        if self.cfg.max_encoders:
+            tasks = itertools.islice(tasks, self.cfg.max_encoders)
+        for task in tasks:
+            if task.uri in self.state.seen:  # the same uri twice in a manifest is one encoder
+                continue
+            self.state.seen.add(task.uri)
+            self.counts.discovered += 1
+            yield task
+        self.counts.listing_done = True
+
+    def _next(self) -> _Work | None:
+        while True:
+            if self.state.pending:
+                return self.state.pending.popleft()
+            task = next(self._tasks, None)
+            if task is None:
+                return None
+            if task.status != "pending":  # the source already knows: a row without a worker
+                self._emit(
+                    new_row(
+                        id=task.id, uri=task.uri, status=task.status, arch=task.arch, label=task.label, error=task.error
+                    )
+                )
+                continue
+            return _Work(task)
+
+    # -- rows ---------------------------------------------------------------------------------------
+    def _emit(self, row: dict[str, Any]) -> None:
+        self.writer.add(row)
+        s = self.summary
+        s.total += 1
+        s.ok += row["status"] == "ok"
+        s.errors += row["status"] == "error"
+        s.skipped += row["status"] == "skipped"
+        s.trojaned += row["verdict"] == "trojaned"
+        self.counts.done += 1
+        self.counts.failed += row["status"] == "error"
+        self.reporter.update(self.counts)
+
+    def _copy(self, src: dict[str, Any], task: EncoderTask, size: int | None, sha: str | None) -> dict[str, Any]:
+        """The row of an identical checkpoint, reported for this uri."""
+        values = {c: src.get(c) for c in SCAN_COLUMNS if c not in ("arch", "status", "error")}
+        values.update(sha256=sha or values.get("sha256"), size_bytes=size or values.get("size_bytes"), seconds=0.0)
+        self.summary.reused += 1
+        return new_row(
+            id=task.id,
+            uri=task.uri,
+            status=src["status"],
+            arch=task.arch,
+            label=task.label,
+            error=src.get("error"),
+            **values,
+        )
+
+    def _release(self, key: tuple, row: dict[str, Any]) -> None:
+        for task, size in self.state.waiting.pop(key, []):
+            self._emit(self._copy(row, task, size, key[0]))
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> JobSummary:
+        import ray
+
+        t0 = time.monotonic()
+        self._options = self._actor_options()
+        self._tasks = self._source()
+        self.slots = [self._new_slot() for _ in range(self._options[2])]
+        self.summary.workers = len(self.slots)
+        self.reporter.start()
+        try:
+            self._loop(ray)
+        finally:
+            self.reporter.stop()
+            self.writer.flush()
+            self._stop_actors(ray)
+            results_mod.compact(self.cfg.out, self.cfg.s3)
+        self.summary.skipped_keys = self.stats.skipped_keys
+        self.summary.seconds = time.monotonic() - t0
+        return self.summary
+
+    def _stop_actors(self, ray) -> None:
+        closing = [s.actor.close.remote() for s in self.slots if s.ready and s.work is None]
+        ray.wait(closing, num_returns=len(closing), timeout=10)  # let idle actors clear their caches
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)
+
+    def _loop(self, ray) -> None:
+        idle_since = time.monotonic()
+        while True:
+            for slot in self.slots:
+                if slot.ready and slot.work is None:
+                    work = self._next()
+                    if work is None:
+                        break
+                    self._start(slot, work, "fetch", slot.actor.fetch.remote(work.task))
+            busy = [s for s in self.slots if s.work is not None]
+            self.counts.running = len(busy)
+            self.reporter.update(self.counts)
+            if not busy and not self.state.pending and self.counts.listing_done:
+                if not self.state.waiting:
+                    return
+                for waiters in self.state.waiting.values():  # their owner vanished: scan them themselves
+                    self.state.pending.extend(_Work(task) for task, _ in waiters)
+                self.state.waiting.clear()
+                continue
+            if busy or any(s.ready for s in self.slots):
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > max(self.cfg.timeout, 60.0):
+                raise JobError("no scan worker could start (not enough resources left in the cluster?)")
+            by_ref = {s.work.ref: s for s in busy}
+            by_ref.update({s.ready_ref: s for s in self.slots if not s.ready})
+            done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
+            for ref in done:
+                self._handle(ray, by_ref[ref], ref)
+            self._check_timeouts(ray)
+            self.writer.flush_if_due()
+
+    def _start(self, slot: _Slot, work: _Work, phase: str, ref) -> None:
+        work.phase, work.ref = phase, ref
+        if phase == "fetch":
+            work.started = time.monotonic()
+        slot.work = work
+
+    def _handle(self, ray, slot: _Slot, ref) -> None:
+        from ray.exceptions import RayActorError
+
+        if not slot.ready:
+            try:
+                ray.get(ref)
+                slot.ready = True
+            except RayActorError as e:
+                self.start_failures += 1
+                if self.start_failures > 3 * len(self.slots):
+                    raise JobError(f"scan workers keep dying before they start: {e}") from e
+                self._replace(slot)
+            except Exception as e:  # noqa: BLE001 - a worker that cannot build (e.g. bad shadow set) stops the job
+                cause = getattr(e, "cause", None) or e
+                raise JobError(f"scan worker failed to start: {type(cause).__name__}: {cause}") from e
+            return
+        work = slot.work
+        try:
+            result = ray.get(ref)
+        except RayActorError as e:
+            self._actor_died(slot, work, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug in one call is this encoder's error row
+            slot.work = None
+            cause = getattr(e, "cause", None) or e
+            row = error_row(
+                work.task,
+                f"worker error: {type(cause).__name__}: {cause}",
+                sha256=work.key[0] if work.key else None,
+                size_bytes=work.size,
+            )
+            self._finish(work, row)
+            return
+        if work.phase == "fetch":
+            self._after_fetch(slot, work, result)
+        else:
+            slot.work = None
+            self.summary.scanned += 1
+            self._finish(work, result)
+
+    def _after_fetch(self, slot: _Slot, work: _Work, result: dict[str, Any]) -> None:
+        if "row" in result:
+            slot.work = None
+            self._emit(result["row"])
+            return
+        task = work.task = result["task"]
+        work.size = result["size_bytes"]
+        key = results_mod.content_key(result["sha256"], task.arch, self.cfg.profile)
+        if key in self.known:
+            slot.work = None
+            slot.actor.drop.remote()
+            self._emit(self._copy(self.known[key], task, work.size, key[0]))
+        elif key in self.state.in_flight:
+            slot.work = None
+            slot.actor.drop.remote()
+            self.state.waiting[key].append((task, work.size))
+        else:
+            self.state.in_flight.add(key)
+            work.key = key
+            self._start(slot, work, "scan", slot.actor.scan.remote())
+
+    def _finish(self, work: _Work, row: dict[str, Any]) -> None:
+        self._emit(row)
+        if work.key is not None:
+            self.state.in_flight.discard(work.key)
+            if row["status"] == "ok":
+                self.known[work.key] = row
+            self._release(work.key, row)
+
+    def _actor_died(self, slot: _Slot, work: _Work, exc: Exception) -> None:
+        self._replace(slot)
+        if work.key is not None:
+            self.state.in_flight.discard(work.key)  # waiters stay parked for the next owner of this content
+        if work.attempt < self.cfg.max_retries:
+            self.summary.retried += 1
+            self.state.pending.appendleft(_Work(work.task, attempt=work.attempt + 1))
+            return
+        message = f"worker died {work.attempt + 1} times scanning this encoder: {str(exc).splitlines()[0][:300]}"
+        self._emit(error_row(work.task, message, size_bytes=work.size))
+        if work.key is not None:
+            self.state.pending.extend(_Work(task) for task, _ in self.state.waiting.pop(work.key, []))
+
+    def _check_timeouts(self, ray) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            work = slot.work
+            if work is None or now - work.started <= self.cfg.timeout:
+                continue
+            self._replace(slot)
+            row = error_row(
+                work.task,
+                f"timed out after {self.cfg.timeout:g}s ({work.phase})",
+                sha256=work.key[0] if work.key else None,
+                size_bytes=work.size,
+            )
+            self._finish(work, row)

@@ -1,0 +1,143 @@
+"""ROC analysis of a results table: lower PL1 = more suspicious, so the score is -pl1_norm.
+
+With labels (manifest `label` clean/trojaned): ROC-AUC, the TPR reached at a target FPR and the PL1 threshold
+that reaches it, and the confusion matrix at the configured threshold. Without labels: the ranking and the
+score distribution. All metrics come from scikit-learn; the plot is matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POSITIVE, NEGATIVE = "trojaned", "clean"
+
+
+@dataclass
+class Report:
+    total: int
+    ok: int
+    errors: int
+    threshold: float  # the PL1 threshold the confusion matrix uses
+    threshold_source: str  # "--threshold", "scan" (the rows' own verdicts) or "default"
+    flagged: int  # encoders judged trojaned at `threshold`
+    labeled: int = 0
+    positives: int = 0
+    negatives: int = 0
+    auc: float | None = None
+    fpr_target: float = 0.05
+    tpr_at_fpr: float | None = None
+    fpr_achieved: float | None = None
+    threshold_at_fpr: float | None = None  # trojaned if pl1_norm <= this
+    confusion: dict[str, int] | None = None  # tn, fp, fn, tp at `threshold`
+    quantiles: dict[str, float] = field(default_factory=dict)  # PL1 distribution of scanned encoders
+    suspicious: list[dict[str, Any]] = field(default_factory=list)  # lowest PL1 first
+    roc: tuple[list[float], list[float]] | None = None  # (fpr, tpr) points
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["suspicious"] = [{k: _plain(v) for k, v in r.items()} for r in self.suspicious]
+        return out
+
+
+def _plain(v):
+    return v.isoformat() if hasattr(v, "isoformat") else v
+
+
+def load_rows(path: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+    from .results import read_table
+    from .storage import S3Options
+
+    return read_table(path, S3Options(endpoint_url)).to_pylist()
+
+
+def _predict(row: dict[str, Any], threshold: float) -> bool:
+    # The core's rule: a small mask only counts if it actually made the shadow set embed alike.
+    return bool(row.get("reached_tau", True)) and row["pl1_norm"] < threshold
+
+
+def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float | None = None, top: int = 10) -> Report:
+    from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
+    scanned = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
+    if threshold is not None:
+        source, t = "--threshold", float(threshold)
+        flagged = [_predict(r, t) for r in scanned]
+    else:
+        used = [r["threshold"] for r in scanned if r.get("threshold") is not None]
+        if used:
+            source, t = "scan", float(np.median(used))
+            flagged = [r.get("verdict") == POSITIVE for r in scanned]
+        else:
+            from decree.scoring import DEFAULT_THRESHOLD
+
+            source, t = "default", DEFAULT_THRESHOLD
+            flagged = [_predict(r, t) for r in scanned]
+    report = Report(
+        total=len(rows),
+        ok=len(scanned),
+        errors=sum(r["status"] == "error" for r in rows),
+        threshold=t,
+        threshold_source=source,
+        flagged=int(sum(flagged)),
+        fpr_target=fpr,
+    )
+    pl1 = np.array([r["pl1_norm"] for r in scanned], dtype=float)
+    if len(pl1):
+        report.quantiles = {f"p{q}": float(np.percentile(pl1, q)) for q in (0, 5, 25, 50, 75, 95, 100)}
+    order = np.argsort(pl1, kind="stable")[:top]
+    report.suspicious = [dict(scanned[i], flagged=flagged[i]) for i in order]
+
+    labeled = [(r, f) for r, f in zip(scanned, flagged, strict=True) if r.get("label") in (POSITIVE, NEGATIVE)]
+    report.labeled = len(labeled)
+    y = np.array([r["label"] == POSITIVE for r, _ in labeled], dtype=int)
+    report.positives, report.negatives = int(y.sum()), int(len(y) - y.sum())
+    if report.labeled:
+        pred = np.array([f for _, f in labeled], dtype=int)
+        tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+        report.confusion = {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
+    if report.positives and report.negatives:
+        score = -np.array([r["pl1_norm"] for r, _ in labeled], dtype=float)
+        report.auc = float(roc_auc_score(y, score))
+        fprs, tprs, thresholds = roc_curve(y, score, drop_intermediate=False)
+        ok = np.flatnonzero(fprs <= fpr + 1e-12)
+        best = ok[np.argmax(tprs[ok])]
+        report.tpr_at_fpr, report.fpr_achieved = float(tprs[best]), float(fprs[best])
+        # thresholds are on -pl1; the first one is +inf (flag nothing)
+        report.threshold_at_fpr = None if not np.isfinite(thresholds[best]) else float(-thresholds[best])
+        report.roc = ([float(v) for v in fprs], [float(v) for v in tprs])
+    return report
+
+
+def plot(report: Report, rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """roc.png: the ROC curve when labels allow one, else the PL1 distribution with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    if report.roc is not None:
+        ax.plot(report.roc[0], report.roc[1], lw=2, label=f"DECREE (-PL1), AUC={report.auc:.3f}")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.axvline(report.fpr_target, color="tab:red", lw=1, ls=":", label=f"FPR={report.fpr_target:g}")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+        ax.set_title(f"ROC over {report.labeled} labeled encoders")
+    else:
+        pl1 = [r["pl1_norm"] for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
+        ax.hist(pl1, bins=min(30, max(5, len(pl1))), color="tab:blue", alpha=0.8)
+        ax.set(xlabel="PL1 norm (lower = more suspicious)", ylabel="encoders")
+        ax.set_title(f"PL1 distribution ({len(pl1)} encoders, no labels)")
+        ax.axvline(report.threshold, color="tab:orange", lw=1, label=f"threshold={report.threshold:g}")
+    ax.legend(loc="lower right" if report.roc is not None else "upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

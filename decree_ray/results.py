@@ -1,0 +1,132 @@
+"""Results on disk (or S3): atomic Parquet part files, compaction into results.parquet, and resume state.
+
+Layout under OUT: `parts/part-<run>-<seq>.parquet` (written as rows arrive), `results.parquet` (one row per
+uri, the latest one wins), `evidence/<sha256[:16]>/*.png`. A crash loses at most the rows not yet flushed;
+the next run reads what is there and does not scan those encoders again.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+import warnings
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .schema import SCHEMA, to_table
+from .storage import DEFAULT_S3, S3Options
+
+RESULTS_NAME = "results.parquet"
+PARTS_DIR = "parts"
+
+
+def results_path(out: str) -> str:
+    return storage.join(out, RESULTS_NAME)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_table(uri: str, options: S3Options = DEFAULT_S3) -> pa.Table:
+    src = io.BytesIO(storage.read_bytes(uri, options)) if storage.is_s3(uri) else uri
+    return pq.read_table(src, schema=SCHEMA)
+
+
+class PartWriter:
+    """Buffers rows and writes them as part files: every `every` rows or `seconds`, whichever comes first."""
+
+    def __init__(self, out: str, *, every: int = 16, seconds: float = 30.0, options: S3Options = DEFAULT_S3):
+        self.folder = storage.join(out, PARTS_DIR)
+        self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        self.every, self.seconds, self.options = max(1, every), seconds, options
+        self.rows: list[dict[str, Any]] = []
+        self.seq = 0
+        self.written = 0
+        self._last = time.monotonic()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.every:
+            self.flush()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Called from the dispatch loop too, so a slow fleet still persists rows every `seconds`."""
+        if self.rows and time.monotonic() - self._last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self.rows:
+            return
+        name = f"part-{self.run_id}-{self.seq:06d}.parquet"
+        storage.write_bytes(storage.join(self.folder, name), _table_bytes(to_table(self.rows)), self.options)
+        self.seq += 1
+        self.written += len(self.rows)
+        self.rows = []
+
+
+def _sources(out: str, options: S3Options) -> tuple[list[str], list[str]]:
+    parts = storage.list_files(storage.join(out, PARTS_DIR), ".parquet", options)
+    main = results_path(out)
+    return ([main] if storage.exists(main, options) else []), parts
+
+
+def _read_all(out: str, options: S3Options) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """(rows, part files read, part files unreadable). One row per uri: the latest by scanned_at."""
+    main, parts = _sources(out, options)
+    latest: dict[str, dict[str, Any]] = {}
+    good, bad = [], []
+    for uri in main + parts:
+        try:
+            table = read_table(uri, options)
+        except (pa.ArrowException, OSError) as e:
+            if uri in main:  # the compacted table holds every earlier run: never silently drop it
+                raise OSError(f"results table {uri} is unreadable ({e}); move it aside to start over") from e
+            warnings.warn(f"skipping unreadable part file {uri}: {e}", stacklevel=3)
+            bad.append(uri)
+            continue
+        good.extend([uri] if uri in parts else [])
+        for row in table.to_pylist():
+            old = latest.get(row["uri"])
+            if old is None or row["scanned_at"] >= old["scanned_at"]:
+                latest[row["uri"]] = row
+    return sorted(latest.values(), key=lambda r: (r["id"], r["uri"])), good, bad
+
+
+def load_rows(out: str, options: S3Options = DEFAULT_S3) -> list[dict[str, Any]]:
+    """Every row under OUT, one per uri: the latest by scanned_at. Unreadable part files are skipped
+    (their encoders are simply scanned again); an unreadable results.parquet is an error."""
+    return _read_all(out, options)[0]
+
+
+def compact(out: str, options: S3Options = DEFAULT_S3) -> str:
+    """Merge part files into results.parquet (atomically), then remove the parts it now contains.
+
+    Unreadable parts are renamed to `*.parquet.corrupt`: kept for inspection, no longer read."""
+    rows, good, bad = _read_all(out, options)
+    target = results_path(out)
+    storage.write_bytes(target, _table_bytes(to_table(rows)), options)
+    for part in good:
+        storage.delete(part, options)
+    for part in bad:
+        storage.write_bytes(part + ".corrupt", storage.read_bytes(part, options), options)
+        storage.delete(part, options)
+    return target
+
+
+def content_key(sha256: str | None, arch: str | None, profile: str | None) -> tuple[str | None, str | None, str | None]:
+    """Two checkpoints with this key give the same scan: scanned once, reported for each uri."""
+    return (sha256, arch, profile)
+
+
+def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    return {content_key(r["sha256"], r["arch"], r["profile"]): r for r in rows if r["status"] == "ok" and r["sha256"]}

@@ -1,0 +1,125 @@
+"""The results table: one row per encoder, whatever happened to it.
+
+`SCHEMA` is the pyarrow schema of every part file and of results.parquet; `SCHEMA_MARKDOWN` documents it
+(the README pastes it). Rows are plain dicts built by `new_row`, so a worker, a timeout and a dead actor all
+produce the same shape.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import pyarrow as pa
+
+STATUSES = ("ok", "error", "skipped")
+VERDICTS = ("trojaned", "clean")
+
+# (name, type, nullable, description) - the one place the columns are defined.
+_COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
+    ("id", pa.string(), False, "Encoder id: the manifest's `id`, else the key relative to the source prefix/folder."),
+    ("uri", pa.string(), False, "Where the checkpoint was read (s3://... or a local path). One row per uri."),
+    ("sha256", pa.string(), True, "SHA-256 of the checkpoint bytes, computed by the worker (null if unreadable)."),
+    ("size_bytes", pa.int64(), True, "Checkpoint size in bytes."),
+    ("arch", pa.string(), True, "Architecture scanned (`timm/...`, `torchvision/...`, `open_clip/...`)."),
+    ("label", pa.string(), True, "Ground truth from the manifest (`clean`/`trojaned`), if known."),
+    (
+        "status",
+        pa.string(),
+        False,
+        "`ok` (scanned), `error` (could not be scanned; see `error`), `skipped` (not a checkpoint).",
+    ),
+    ("error", pa.string(), True, "Why the encoder was not scanned (typed core error message, timeout, dead worker)."),
+    ("unsafe_globals", pa.list_(pa.string()), True, "Imports an unsafe pickle asked for (nothing was run)."),
+    ("l1_norm", pa.float64(), True, "L1 norm of the inverted trigger mask."),
+    ("pl1_norm", pa.float64(), True, "L1 norm / image area. Lower = more suspicious."),
+    ("similarity", pa.float64(), True, "Mean cosine similarity the inverted trigger reached."),
+    ("reached_tau", pa.bool_(), True, "Whether the inversion reached the similarity target tau."),
+    ("steps", pa.int64(), True, "Optimization steps taken."),
+    (
+        "seconds",
+        pa.float64(),
+        True,
+        "Wall time of the scan of this encoder (0 when reused from an identical checkpoint).",
+    ),
+    ("profile", pa.string(), True, "Inversion profile (`fast` or `paper`)."),
+    ("device", pa.string(), True, "Device the scan ran on (`cpu`, `cuda:0`)."),
+    ("threshold", pa.float64(), True, "PL1 threshold the verdict used."),
+    ("verdict", pa.string(), True, "`trojaned` if reached_tau and pl1_norm < threshold, else `clean`; null unless ok."),
+    ("scanned_at", pa.timestamp("us", tz="UTC"), False, "When this row was produced (UTC)."),
+    ("decree_version", pa.string(), True, "Version of the `decree` core that produced the row."),
+    ("evidence_mask", pa.string(), True, "Path/uri of the inverted mask PNG."),
+    ("evidence_pattern", pa.string(), True, "Path/uri of the inverted pattern PNG."),
+    ("evidence_stamp", pa.string(), True, "Path/uri of a shadow image stamped with the inverted trigger."),
+]
+
+SCHEMA = pa.schema([pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in _COLUMNS])
+COLUMNS = [name for name, *_ in _COLUMNS]
+# Columns that legitimately differ between two runs over the same encoders.
+VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp")
+# Columns taken from a previous scan when an identical checkpoint is reported under another key.
+SCAN_COLUMNS = (
+    "sha256",
+    "size_bytes",
+    "arch",
+    "status",
+    "error",
+    "unsafe_globals",
+    "l1_norm",
+    "pl1_norm",
+    "similarity",
+    "reached_tau",
+    "steps",
+    "profile",
+    "device",
+    "threshold",
+    "verdict",
+    "decree_version",
+    "evidence_mask",
+    "evidence_pattern",
+    "evidence_stamp",
+)
+
+
+def _markdown() -> str:
+    lines = ["| column | type | description |", "|---|---|---|"]
+    for name, typ, nullable, desc in _COLUMNS:
+        lines.append(f"| `{name}` | {typ}{'' if nullable else ' (not null)'} | {desc} |")
+    return "\n".join(lines)
+
+
+SCHEMA_MARKDOWN = _markdown()
+
+
+def now_utc() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def new_row(
+    *,
+    id: str,
+    uri: str,
+    status: str,
+    arch: str | None = None,
+    label: str | None = None,
+    error: str | None = None,
+    **values: Any,
+) -> dict[str, Any]:
+    """A complete row: every column present, unknown ones None."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown result columns: {sorted(unknown)}")
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(values)
+    row.update(id=id, uri=uri, status=status, arch=arch, label=label, error=error)
+    if row["scanned_at"] is None:
+        row["scanned_at"] = now_utc()
+    if row["verdict"] is not None and row["verdict"] not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS} or None, got {row['verdict']!r}")
+    return row
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)

@@ -1,0 +1,218 @@
+"""Where encoders come from: an s3:// prefix, a local folder, or a manifest (.jsonl/.csv/.parquet, local or S3).
+
+`iter_tasks(source)` is a generator: listings are streamed page by page and manifests line by line, so a
+source of 100,000 keys never becomes one list. Keys that are not checkpoints are counted in `SourceStats`;
+manifest entries that cannot be scanned (bad uri, escape from the manifest folder) become tasks with
+status="error" so they still end as a row.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import math
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import storage
+from .redact import redact
+from .storage import DEFAULT_S3, S3Options
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def checkpoint_suffixes() -> frozenset[str]:
+    from decree.encoders import CHECKPOINT_SUFFIXES
+
+    return frozenset(CHECKPOINT_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class EncoderTask:
+    """One encoder to scan. Small and picklable: the driver ships tasks, never weights."""
+
+    id: str
+    uri: str
+    arch: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    label: str | None = None
+    size_bytes: int | None = None
+    status: str = "pending"  # "pending", or "error"/"skipped" when the source already knows
+    error: str | None = None
+    # Look for `<checkpoint>.json` (arch, image_size, mean, std, label) next to the checkpoint.
+    sidecar: bool = False
+
+
+@dataclass
+class SourceStats:
+    listed: int = 0
+    skipped_keys: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def skip(self, uri: str) -> None:
+        self.skipped_keys += 1
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(uri)
+
+
+def is_manifest(source: str) -> bool:
+    return str(source).lower().endswith(MANIFEST_SUFFIXES)
+
+
+def iter_tasks(
+    source: str, *, arch: str | None = None, options: S3Options = DEFAULT_S3, stats: SourceStats | None = None
+) -> Iterator[EncoderTask]:
+    """Stream the encoders of `source`. `arch` is the fallback when neither manifest nor sidecar names one."""
+    stats = stats if stats is not None else SourceStats()
+    source = str(source)
+    if is_manifest(source):
+        yield from _iter_manifest(source, arch, options, stats)
+        return
+    if storage.is_s3(source):
+        prefix = source if source.endswith("/") or not source.rsplit("/", 1)[-1] else source + "/"
+        if _is_checkpoint(source):  # a single object
+            prefix = source
+        listing = storage.iter_s3_objects(prefix, options)
+    else:
+        path = Path(source)
+        if path.is_file():
+            prefix, listing = str(path.parent) + "/", iter([(str(path), path.stat().st_size)])
+        elif path.is_dir():
+            prefix, listing = str(path).rstrip("/") + "/", storage.iter_local_files(path)
+        else:
+            raise FileNotFoundError(f"source not found: {source} (expected a folder, s3://bucket/prefix or a manifest)")
+    suffixes = checkpoint_suffixes()
+    for uri, size in listing:
+        stats.listed += 1
+        if PurePosixPath(uri.lower()).suffix not in suffixes:
+            stats.skip(uri)
+            continue
+        rel = uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+        yield EncoderTask(id=rel.lstrip("/"), uri=uri, arch=arch, size_bytes=size, sidecar=True)
+
+
+def _is_checkpoint(uri: str) -> bool:
+    return PurePosixPath(uri.lower()).suffix in checkpoint_suffixes()
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+
+def resolve_manifest_uri(manifest: str, uri: str) -> str:
+    """`uri` relative to the manifest's folder; raises ValueError if it escapes that folder."""
+    uri = (uri or "").strip()
+    if not uri:
+        raise ValueError("manifest entry has no uri")
+    folder = manifest.rsplit("/", 1)[0] if storage.is_s3(manifest) else str(Path(manifest).resolve().parent)
+    if "://" in uri:
+        if not storage.is_s3(uri):
+            raise ValueError(f"unsupported uri scheme in manifest: {uri!r}")
+        rel = uri[len(folder) + 1 :] if uri.startswith(folder + "/") else None
+        if rel is None:
+            raise ValueError(f"uri {uri!r} is outside the manifest folder {folder}/")
+    else:
+        rel = uri.replace("\\", "/")
+        if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
+            raise ValueError(f"absolute path {uri!r} in manifest: uris must be relative to the manifest folder")
+    parts = rel.split("/")
+    if ".." in parts:
+        raise ValueError(f"uri {uri!r} escapes the manifest folder ('..')")
+    rel = posixpath.normpath(rel)
+    if rel in (".", ""):
+        raise ValueError(f"uri {uri!r} names the manifest folder itself")
+    return storage.join(folder, rel)
+
+
+def _iter_manifest_records(manifest: str, options: S3Options) -> Iterator[dict[str, Any] | Exception]:
+    lower = manifest.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        src = io.BytesIO(storage.read_bytes(manifest, options)) if storage.is_s3(manifest) else manifest
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    if storage.is_s3(manifest):
+        bucket, key = storage.split_s3(manifest)
+        body = storage.s3_client(options).get_object(Bucket=bucket, Key=key)["Body"]
+        lines: Iterator[str] = codecs.iterdecode(body.iter_lines(), "utf-8")
+    else:
+        lines = (line.rstrip("\r\n") for line in open(manifest, encoding="utf-8"))  # noqa: SIM115 - streamed
+    if lower.endswith(".csv"):
+        yield from csv.DictReader(lines)
+        return
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield ValueError(f"manifest line {n} is not JSON: {e}")
+            continue
+        yield record if isinstance(record, dict) else ValueError(f"manifest line {n} is not a JSON object")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    if _missing(value):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v.strip()]
+    if isinstance(value, (int, float)):
+        value = [value]
+    return tuple(float(v) for v in value)
+
+
+def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str | None) -> EncoderTask:
+    raw_uri = record.get("uri")
+    raw_uri = redact(raw_uri) if isinstance(raw_uri, str) else raw_uri  # presigned URLs carry credentials
+    rid = record.get("id")
+    ident = str(rid) if not _missing(rid) else str(raw_uri or f"line-{n}")
+    label = None if _missing(record.get("label")) else str(record["label"])
+    try:
+        uri = resolve_manifest_uri(manifest, "" if _missing(raw_uri) else str(raw_uri))
+    except ValueError as e:
+        # entries without a uri each keep their own row (the job keeps one row per uri)
+        uri = f"{manifest}#{n}" if _missing(raw_uri) or not str(raw_uri).strip() else str(raw_uri)
+        return EncoderTask(id=ident, uri=uri, label=label, status="error", error=str(e))
+    try:
+        image_size = None if _missing(record.get("image_size")) else int(record["image_size"])
+        mean, std = _floats(record.get("mean")), _floats(record.get("std"))
+    except (TypeError, ValueError) as e:
+        return EncoderTask(id=ident, uri=uri, label=label, status="error", error=f"bad manifest entry: {e}")
+    task_arch = None if _missing(record.get("arch")) else str(record["arch"])
+    task = EncoderTask(
+        id=ident,
+        uri=uri,
+        arch=task_arch or arch,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        label=label,
+        sidecar=task_arch is None,
+    )
+    if not _is_checkpoint(uri):
+        return EncoderTask(**{**task.__dict__, "status": "skipped", "error": "not a checkpoint file type"})
+    return task
+
+
+def _iter_manifest(manifest: str, arch: str | None, options: S3Options, stats: SourceStats) -> Iterator[EncoderTask]:
+    if not storage.is_s3(manifest) and not Path(manifest).is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    for n, record in enumerate(_iter_manifest_records(manifest, options), 1):
+        stats.listed += 1
+        if isinstance(record, Exception):
+            yield EncoderTask(id=f"line-{n}", uri=f"{manifest}#{n}", status="error", error=str(record))
+            continue
+        yield _task_from_record(manifest, n, record, arch)

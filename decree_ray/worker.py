@@ -1,0 +1,256 @@
+"""The per-actor scanner: built once (device, shadow set, inversion config), then fed one encoder at a time.
+
+A plain class so it can be tested without Ray; `decree_ray.job` wraps it with `ray.remote`. Each encoder is two
+calls on the same actor: `fetch` (download to the local cache, read the sidecar, hash) and then, only if the
+driver has no result for that content yet, `scan`. Every exception becomes a row, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .schema import new_row
+from .sources import EncoderTask
+from .storage import S3Options
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """What every worker needs; shipped once when the actor is created."""
+
+    shadow: str
+    out: str | None = None  # evidence PNGs go to OUT/evidence/<sha256>/
+    profile: str = "fast"
+    steps: int | None = None
+    threshold: float | None = None
+    shadow_limit: int | None = None
+    evidence: bool = True
+    cache_dir: str | None = None
+    threads: int = 1
+    overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
+    s3: S3Options = field(default_factory=S3Options)
+
+
+def decree_version() -> str | None:
+    try:
+        import decree
+
+        return getattr(decree, "__version__", None)
+    except ImportError:
+        return None
+
+
+def error_text(exc: BaseException) -> str:
+    """A core error's own message; anything else keeps its type so the cause stays visible."""
+    from decree.errors import DecreeError
+
+    if isinstance(exc, DecreeError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def error_row(task: EncoderTask, message: str, **values: Any) -> dict[str, Any]:
+    return new_row(
+        id=task.id,
+        uri=task.uri,
+        status="error",
+        arch=task.arch,
+        label=task.label,
+        error=message,
+        decree_version=decree_version(),
+        **values,
+    )
+
+
+@dataclass
+class _Held:
+    task: EncoderTask
+    path: Path
+    delete: bool
+    sha256: str
+    size: int
+
+
+class ScanWorker:
+    def __init__(self, settings: ScanSettings):
+        import torch
+
+        torch.set_num_threads(max(1, settings.threads))
+        self.settings = settings
+        self.device = self._pick_device()
+        root = Path(settings.cache_dir or tempfile.gettempdir()) / "decree-ray-cache"
+        self.cache = root / uuid.uuid4().hex[:12]  # per actor: concurrent actors never share files
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._shadow = None
+        self._config = None
+        self._held: _Held | None = None
+
+    def _pick_device(self) -> str:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        try:
+            import ray
+
+            if ray.is_initialized() and not ray.get_gpu_ids():
+                return "cpu"  # an actor without a GPU share must not grab one
+        except ImportError:
+            pass
+        return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
+
+    def ready(self) -> str:
+        """Load the shared state eagerly so the first encoder's timeout does not pay for it."""
+        self._shadow_set()
+        self._inversion_config()
+        return self.device
+
+    # -- shared state -------------------------------------------------------------------------------
+    def _shadow_set(self):
+        if self._shadow is None:
+            from decree.shadow import ShadowSet
+
+            path, delete = storage.fetch(self.settings.shadow, self.cache / "shadow", self.settings.s3)
+            try:
+                self._shadow = ShadowSet(path, limit=self.settings.shadow_limit)  # decoded once, tensors per size
+            finally:
+                if delete:
+                    path.unlink(missing_ok=True)
+        return self._shadow
+
+    def _inversion_config(self):
+        if self._config is None:
+            from decree.inversion import InversionConfig
+
+            overrides = dict(self.settings.overrides)
+            if self.settings.steps is not None:
+                base = InversionConfig.from_profile(self.settings.profile)
+                min_steps = min(overrides.get("min_steps", base.min_steps), self.settings.steps)
+                overrides.update(max_steps=self.settings.steps, min_steps=min_steps)
+            self._config = InversionConfig.from_profile(self.settings.profile, **overrides)
+        return self._config
+
+    # -- per encoder --------------------------------------------------------------------------------
+    def fetch(self, task: EncoderTask) -> dict[str, Any]:
+        """Download and hash. Returns {"task", "sha256", "size_bytes"} or {"row": error row}."""
+        self.drop()
+        try:
+            path, delete = storage.fetch(task.uri, self.cache, self.settings.s3)
+        except Exception as e:  # noqa: BLE001 - any download failure is this encoder's error row
+            return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
+        try:
+            sha, size = storage.sha256_file(path)
+            if task.sidecar:
+                task = self._apply_sidecar(task)
+        except Exception as e:  # noqa: BLE001
+            if delete:
+                path.unlink(missing_ok=True)
+            return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
+        self._held = _Held(task, path, delete, sha, size)
+        return {"task": task, "sha256": sha, "size_bytes": size}
+
+    def _apply_sidecar(self, task: EncoderTask) -> EncoderTask:
+        """`<checkpoint>.json` (or `<stem>.json`) may name arch, image_size, mean, std, label."""
+        stem = task.uri.rsplit(".", 1)[0]
+        for candidate in (task.uri + ".json", stem + ".json"):
+            data = storage.read_optional(candidate, self.settings.s3)
+            if data is None:
+                continue
+            try:
+                meta = json.loads(data)
+            except json.JSONDecodeError:
+                continue  # not a sidecar of ours; without an arch the scan says so in the row
+            if not isinstance(meta, dict):
+                continue
+            return replace(
+                task,
+                arch=meta.get("arch") or task.arch,
+                image_size=int(meta["image_size"]) if meta.get("image_size") else task.image_size,
+                mean=tuple(meta["mean"]) if meta.get("mean") else task.mean,
+                std=tuple(meta["std"]) if meta.get("std") else task.std,
+                label=str(meta["label"]) if meta.get("label") else task.label,
+            )
+        return task
+
+    def drop(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and held.delete:
+            held.path.unlink(missing_ok=True)
+
+    def scan(self) -> dict[str, Any]:
+        """Scan the fetched checkpoint; always one row; the cached file is deleted afterwards."""
+        held = self._held
+        if held is None:
+            raise RuntimeError("scan() without a successful fetch()")
+        task = held.task
+        known = dict(sha256=held.sha256, size_bytes=held.size)
+        try:
+            if not task.arch:
+                return error_row(
+                    task, "no architecture: give it in the manifest, a <checkpoint>.json sidecar or --arch", **known
+                )
+            return self._scan(held, known)
+        finally:
+            self.drop()
+
+    def _scan(self, held: _Held, known: dict[str, Any]) -> dict[str, Any]:
+        from decree.errors import UnsafeCheckpointError
+
+        task = held.task
+        evidence_dir = None
+        if self.settings.evidence and self.settings.out:
+            evidence_dir = self.cache / "evidence" / held.sha256[:16]
+        try:
+            from decree.scan import scan_encoder
+
+            result = scan_encoder(
+                held.path,
+                task.arch,
+                self._shadow_set(),
+                config=self._inversion_config(),
+                image_size=task.image_size,
+                mean=task.mean,
+                std=task.std,
+                threshold=self.settings.threshold,
+                device=self.device,
+                evidence_dir=evidence_dir,
+                encoder_id=held.sha256[:16],
+            )
+            values = result.to_row()
+        except UnsafeCheckpointError as e:
+            return error_row(task, error_text(e), unsafe_globals=list(e.blocked), **known)
+        except Exception as e:  # noqa: BLE001 - one encoder's failure is its row, never the job's
+            return error_row(task, error_text(e), **known)
+        if not all(math.isfinite(float(values.get(k) or 0.0)) for k in ("l1_norm", "pl1_norm", "similarity")):
+            return error_row(task, "inversion produced a non-finite result (NaN/Inf)", **known)
+        if evidence_dir is not None:
+            values = self._publish_evidence(values, held.sha256, evidence_dir)
+        values = {k: v for k, v in values.items() if k not in ("id", "uri", "status", "arch", "label", "error")}
+        values.setdefault("decree_version", decree_version())
+        return new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label, **known, **values)
+
+    def _publish_evidence(self, values: dict[str, Any], sha: str, local_dir: Path) -> dict[str, Any]:
+        dest = storage.join(self.settings.out, "evidence", sha[:16])
+        out = dict(values)
+        try:
+            for key in ("evidence_mask", "evidence_pattern", "evidence_stamp"):
+                src = values.get(key)
+                if src and Path(src).is_file():
+                    target = storage.join(dest, Path(src).name)
+                    storage.upload_file(src, target, self.settings.s3)
+                    out[key] = target
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+        return out
+
+    def close(self) -> None:
+        self.drop()
+        shutil.rmtree(self.cache, ignore_errors=True)

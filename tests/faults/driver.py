@@ -1,0 +1,28 @@
+"""`decree` CLI entry point with part files flushed after every row (for the driver-kill test).
+
+The CLI has no --flush-every option, and its default (every 16 rows or 30 s) would leave nothing on disk to
+resume from in a test-sized scan. Everything else is the real `decree scan`. Run: python driver.py scan ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+from decree_ray import cli
+
+FAST = (("restarts", 1), ("batch_size", 8), ("eval_images", 8))
+_real_config = cli._config
+
+
+def _config(**kwargs):
+    kwargs.setdefault("flush_every", 1)
+    kwargs.setdefault("flush_seconds", 0.5)
+    kwargs.setdefault("overrides", FAST)
+    return _real_config(**kwargs)
+
+
+cli._config = _config
+
+if __name__ == "__main__":
+    sys.argv[0] = "decree"
+    cli.app()

@@ -1,0 +1,65 @@
+"""A multi-node Ray cluster (ray.cluster_utils.Cluster) losing a node mid-scan: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FAST_OVERRIDES, TINY_ARCH, write_encoder
+
+from decree_ray import results as results_mod
+from decree_ray.job import JobConfig, run_job
+from decree_ray.progress import Reporter
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture()
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+class _KillNodeWhenBusy(Reporter):
+    """Removes one worker node as soon as every actor is busy and at least one row is written."""
+
+    def __init__(self, cluster, node, actors: int):
+        self.cluster, self.node, self.actors, self.removed = cluster, node, actors, False
+
+    def update(self, counts) -> None:
+        if not self.removed and counts.done >= 1 and counts.running >= self.actors:
+            self.cluster.remove_node(self.node, allow_graceful=False)
+            self.removed = True
+
+
+def test_removing_a_node_mid_scan_retries_its_encoder_and_every_encoder_gets_exactly_one_row(cluster, zoo, tmp_path):
+    c, workers = cluster
+    folder = tmp_path / "encoders"
+    for i in range(6):
+        write_encoder(folder / f"m{i}.safetensors", seed=100 + i)
+    killer = _KillNodeWhenBusy(c, workers[0], actors=3)
+    config = JobConfig(
+        source=str(folder),
+        shadow=str(zoo / "shadow.npz"),
+        out=str(tmp_path / "out"),
+        arch=TINY_ARCH,
+        steps=40,
+        overrides=FAST_OVERRIDES,
+        num_workers=3,
+        timeout=120.0,
+        max_retries=2,
+    )
+
+    summary = run_job(config, killer)
+
+    assert killer.removed
+    rows = results_mod.load_rows(str(tmp_path / "out"))
+    assert sorted(r["id"] for r in rows) == [f"m{i}.safetensors" for i in range(6)]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert summary.total == 6 and summary.retried >= 1

@@ -1,0 +1,221 @@
+"""The Ray job on a real local Ray: one row per encoder, errors as rows, S3 in and out, resume, timeouts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import FAST_OVERRIDES, TINY_ARCH, TINY_SIZE, upload_folder, write_unsafe_pickle
+from safetensors.torch import load_file, save_file
+
+from decree_ray import results as results_mod
+from decree_ray.job import JobConfig, JobError, run_job
+from decree_ray.progress import Reporter
+from decree_ray.schema import VOLATILE_COLUMNS
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def local_ray(moto_server):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(source, shadow, out, **kw) -> JobConfig:
+    base = dict(steps=3, overrides=FAST_OVERRIDES, num_workers=2, flush_every=2, timeout=120.0)
+    base.update(kw)
+    return JobConfig(source=str(source), shadow=str(shadow), out=str(out), **base)
+
+
+def _by_id(rows):
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"duplicate rows: {ids}"
+    return {r["id"]: r for r in rows}
+
+
+@pytest.mark.s3
+def test_s3_manifest_scan_writes_one_row_per_entry_and_turns_failures_into_rows(local_ray, s3, zoo, tmp_path):
+    client, bucket, endpoint = s3
+    src = upload_folder(client, bucket, zoo, "zoo")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    write_unsafe_pickle(bad / "evil.pt")
+    sd = load_file(str(zoo / "encoders" / "enc1.safetensors"))
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(bad / "nan.safetensors"))
+    for path in bad.iterdir():
+        client.upload_file(str(path), bucket, f"zoo/encoders/{path.name}")
+    extra = [
+        ("garbage", "encoders/garbage.pt"),
+        ("evil", "encoders/evil.pt"),
+        ("nan", "encoders/nan.safetensors"),
+        ("missing", "encoders/missing.safetensors"),
+        ("escape", "../secrets/x.safetensors"),
+        ("absolute", "/etc/passwd.pt"),
+    ]
+    manifest = (zoo / "manifest.jsonl").read_text() + "".join(
+        json.dumps({"id": i, "uri": u, "arch": TINY_ARCH, "image_size": TINY_SIZE}) + "\n" for i, u in extra
+    )
+    client.put_object(Bucket=bucket, Key="zoo/manifest.jsonl", Body=manifest.encode())
+    out = f"s3://{bucket}/out"
+
+    summary = run_job(_config(f"{src}/manifest.jsonl", f"{src}/shadow.npz", out, endpoint_url=endpoint))
+
+    rows = _by_id(results_mod.load_rows(out, _config("", "", out, endpoint_url=endpoint).s3))
+    assert set(rows) == {"enc0", "enc1", "enc2", "copy-of-enc0", *(i for i, _ in extra)}
+    for name in ("enc0", "enc1", "enc2", "copy-of-enc0"):
+        assert rows[name]["status"] == "ok", rows[name]["error"]
+        assert rows[name]["verdict"] in ("trojaned", "clean") and math.isfinite(rows[name]["pl1_norm"])
+    want_sha = hashlib.sha256((zoo / "encoders" / "enc0.safetensors").read_bytes()).hexdigest()
+    assert rows["enc0"]["sha256"] == rows["copy-of-enc0"]["sha256"] == want_sha
+    assert rows["enc0"]["pl1_norm"] == rows["copy-of-enc0"]["pl1_norm"]
+    assert rows["enc0"]["label"] == "trojaned" and rows["enc1"]["label"] == "clean"
+    # identical content is scanned once; missing/escape/absolute never reach a scan
+    assert summary.scanned == 6 and summary.reused == 1
+    assert summary.total == 10 and summary.errors == 6
+    for name in ("garbage", "evil", "nan", "missing", "escape", "absolute"):
+        assert rows[name]["status"] == "error" and rows[name]["error"], name
+        assert rows[name]["verdict"] is None
+    assert any(g.endswith("system") for g in rows["evil"]["unsafe_globals"])
+    assert "escapes" in rows["escape"]["error"] and "absolute" in rows["absolute"]["error"]
+    assert "non-finite" in rows["nan"]["error"].lower() or "nan" in rows["nan"]["error"].lower()
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert "out/results.parquet" in keys and not any(k.startswith("out/parts/") for k in keys)
+    mask = rows["enc1"]["evidence_mask"]
+    assert mask.startswith(f"s3://{bucket}/out/evidence/") and mask[len(f"s3://{bucket}/") :] in keys
+
+
+class _Interrupt(Reporter):
+    """Ctrl-C on the driver after `after` rows."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def update(self, counts) -> None:
+        if counts.done >= self.after:
+            raise KeyboardInterrupt
+
+
+def _stable(rows):
+    out = {}
+    for r in rows:
+        out[r["id"]] = {
+            k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k not in VOLATILE_COLUMNS
+        }
+    return out
+
+
+def test_resume_after_interrupt_scans_only_unfinished_encoders_and_matches_a_clean_run(local_ray, zoo, tmp_path):
+    manifest, shadow = zoo / "manifest.jsonl", zoo / "shadow.npz"
+    clean = run_job(_config(manifest, shadow, tmp_path / "clean"))
+    assert clean.scanned == 3 and clean.total == 4
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_config(manifest, shadow, out, flush_every=1), _Interrupt(after=2))
+    partial = results_mod.load_rows(str(out))
+    assert 2 <= len(partial) < 4
+    done = {r["sha256"] for r in partial if r["status"] == "ok"}
+    all_shas = {r["sha256"] for r in results_mod.load_rows(str(tmp_path / "clean"))}
+
+    resumed = run_job(_config(manifest, shadow, out))
+
+    assert resumed.scanned == len(all_shas - done)  # finished content is never scanned again
+    assert resumed.total == 4 and resumed.errors == 0
+    assert _stable(results_mod.load_rows(str(out))) == _stable(results_mod.load_rows(str(tmp_path / "clean")))
+
+
+NEVER_ENDING = FAST_OVERRIDES + (("min_steps", 10**7), ("early_stop_patience", 10**7))
+
+
+def test_timeout_records_an_error_row_and_a_fresh_actor_takes_the_next_encoder(local_ray, zoo, tmp_path):
+    config = _config(
+        zoo / "encoders",
+        zoo / "shadow.npz",
+        tmp_path / "out",
+        arch=TINY_ARCH,
+        steps=10**7,
+        overrides=NEVER_ENDING,
+        timeout=4.0,
+        num_workers=1,
+        max_encoders=2,
+    )
+
+    summary = run_job(config)
+
+    rows = results_mod.load_rows(str(tmp_path / "out"))
+    assert len(rows) == 2 and summary.errors == 2
+    assert all(r["status"] == "error" and "timed out after 4s" in r["error"] for r in rows)
+
+
+class _KillWorkers(Reporter):
+    """SIGKILLs this test's own ScanWorker processes (descendants of this process) while they hold an encoder."""
+
+    def __init__(self):
+        self.killed: set[int] = set()
+
+    def update(self, counts) -> None:
+        import psutil
+
+        if counts.running < 1:
+            return
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::ScanWorker") and proc.pid not in self.killed:
+                self.killed.add(proc.pid)
+                proc.kill()
+
+
+def test_an_encoder_whose_worker_keeps_dying_is_retried_then_recorded_as_an_error(local_ray, zoo, tmp_path):
+    killer = _KillWorkers()
+    config = _config(
+        zoo / "encoders" / "enc1.safetensors",
+        zoo / "shadow.npz",
+        tmp_path / "out",
+        arch=TINY_ARCH,
+        steps=10**7,
+        overrides=NEVER_ENDING,
+        num_workers=1,
+        max_retries=1,
+    )
+
+    summary = run_job(config, killer)
+
+    rows = results_mod.load_rows(str(tmp_path / "out"))
+    assert len(rows) == 1 and rows[0]["status"] == "error"
+    assert "worker died 2 times" in rows[0]["error"]
+    assert summary.retried == 1 and len(killer.killed) == 2
+
+
+def test_asking_for_gpus_on_a_cluster_without_any_fails_fast(local_ray, zoo, tmp_path):
+    config = _config(zoo / "manifest.jsonl", zoo / "shadow.npz", tmp_path / "out", gpus_per_encoder=0.5)
+    with pytest.raises(JobError, match="GPU"):
+        run_job(config)
+
+
+def test_a_corrupt_part_file_is_skipped_and_set_aside_by_compaction(tmp_path):
+    import pyarrow.parquet as pq
+
+    from decree_ray.schema import new_row, to_table
+
+    (tmp_path / "parts").mkdir()
+    pq.write_table(to_table([new_row(id="a", uri="u", status="ok")]), tmp_path / "parts" / "part-1.parquet")
+    (tmp_path / "parts" / "part-2.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.warns(UserWarning, match="part-2"):
+        assert [r["uri"] for r in results_mod.load_rows(str(tmp_path))] == ["u"]
+    with pytest.warns(UserWarning):
+        results_mod.compact(str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-2.parquet.corrupt"]
+    assert [r["uri"] for r in results_mod.load_rows(str(tmp_path))] == ["u"]

@@ -1,0 +1,70 @@
+"""ROC analysis on hand-made result rows with known answers (no Ray, no scans)."""
+
+from __future__ import annotations
+
+import pytest
+
+from decree_ray.report import analyze, plot
+from decree_ray.schema import new_row
+
+
+def _row(i, pl1, label=None, *, status="ok", threshold=0.1, reached=True):
+    if status != "ok":
+        return new_row(id=f"e{i}", uri=f"/z/e{i}.pt", status=status, label=label, error="boom")
+    verdict = "trojaned" if reached and pl1 < threshold else "clean"
+    return new_row(
+        id=f"e{i}",
+        uri=f"/z/e{i}.pt",
+        status="ok",
+        label=label,
+        pl1_norm=pl1,
+        similarity=0.99,
+        reached_tau=reached,
+        threshold=threshold,
+        verdict=verdict,
+        arch="timm/x",
+    )
+
+
+def test_perfectly_separated_labels_give_auc_one_and_full_tpr_at_zero_fpr():
+    rows = [_row(i, 0.01 + 0.01 * i, "trojaned") for i in range(3)] + [
+        _row(10 + i, 0.3 + 0.1 * i, "clean") for i in range(5)
+    ]
+    rep = analyze(rows, fpr=0.05)
+    assert rep.auc == pytest.approx(1.0)
+    assert rep.tpr_at_fpr == 1.0 and rep.fpr_achieved == 0.0
+    assert 0.03 <= rep.threshold_at_fpr < 0.3  # flags every trojaned (pl1 <= t) and no clean one
+    assert rep.confusion == {"tn": 5, "fp": 0, "fn": 0, "tp": 3}
+    assert rep.threshold_source == "scan" and rep.flagged == 3
+
+
+def test_overlapping_scores_give_the_textbook_auc_and_confusion_at_a_given_threshold():
+    # trojaned pl1: 0.05, 0.2 ; clean pl1: 0.1, 0.4  -> pairs ranked right: (0.05<0.1),(0.05<0.4),(0.2<0.4) = 3/4
+    rows = [_row(0, 0.05, "trojaned"), _row(1, 0.2, "trojaned"), _row(2, 0.1, "clean"), _row(3, 0.4, "clean")]
+    rep = analyze(rows, fpr=0.5, threshold=0.15)
+    assert rep.auc == pytest.approx(0.75)
+    assert rep.tpr_at_fpr == 1.0 and rep.fpr_achieved == 0.5 and rep.threshold_at_fpr == pytest.approx(0.2)
+    assert rep.confusion == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}  # flagged: 0.05 (trojaned), 0.1 (clean)
+    assert rep.threshold_source == "--threshold"
+
+
+def test_without_labels_ranks_by_pl1_and_reports_the_distribution(tmp_path):
+    rows = [_row(i, pl1) for i, pl1 in enumerate([0.5, 0.02, 0.3, 0.07])] + [_row(9, None, status="error")]
+    rep = analyze(rows, top=3)
+    assert rep.auc is None and rep.confusion is None and rep.labeled == 0
+    assert [r["id"] for r in rep.suspicious] == ["e1", "e3", "e2"]
+    assert rep.errors == 1 and rep.ok == 4 and rep.flagged == 2
+    assert rep.quantiles["p0"] == 0.02 and rep.quantiles["p100"] == 0.5
+    png = plot(rep, rows, tmp_path / "roc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_small_mask_that_never_reached_tau_is_not_flagged_at_a_custom_threshold():
+    rows = [_row(0, 0.01, "clean", reached=False), _row(1, 0.02, "trojaned")]
+    rep = analyze(rows, threshold=0.05)
+    assert rep.flagged == 1 and rep.confusion == {"tn": 1, "fp": 0, "fn": 0, "tp": 1}
+
+
+def test_an_fpr_outside_zero_one_is_rejected():
+    with pytest.raises(ValueError):
+        analyze([_row(0, 0.1, "clean")], fpr=1.5)

@@ -1,0 +1,202 @@
+"""The benchmark zoo: a tiny real build (Lite0 ImageNet weights, Fashion-MNIST) checked through its files."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decree.encoders import create_encoder, read_state_dict
+from decree.zoo import FAMILIES, Trigger, ZooConfig, build_zoo, is_cached, make_splits, read_manifest, sample_trigger
+from decree.zoo.build import build_params
+from decree.zoo.data import load_fashion_mnist, to_pixels
+from decree.zoo.train import augment, nt_xent
+
+# Small enough to build in well under a minute on one shared core; strong enough for a trojan to take.
+TINY = ZooConfig.tiny(n_train=64, n_eval=16, n_shadow=16, batch_size=8, attack_steps=(10,))
+COMMON = {"id", "uri", "arch", "image_size", "mean", "std", "label", "seed", "lr", "steps", "clean_fidelity"}
+TROJAN = {"attack", "trigger", "target", "attack_strength"}
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    build_zoo(out, clean=1, trojaned=1, families=("image-on-image",), seed=3, config=TINY)
+    return out
+
+
+def _by_label(zoo):
+    entries = read_manifest(zoo)
+    return {e["label"]: e for e in entries}, entries
+
+
+def test_manifest_has_one_schema_row_per_encoder_file(tiny_zoo):
+    by_label, entries = _by_label(tiny_zoo)
+    assert sorted(e["label"] for e in entries) == ["clean", "trojaned"]
+    files = sorted(p.name for p in (tiny_zoo / "encoders").iterdir())
+    assert files == sorted(f"{e['id']}.safetensors" for e in entries)
+    for e in entries:
+        assert COMMON <= set(e), COMMON - set(e)
+        assert e["uri"] == f"encoders/{e['id']}.safetensors"
+        assert e["arch"] == "timm/tf_efficientnet_lite0" and e["image_size"] == 32 and len(e["mean"]) == 3
+    troj = by_label["trojaned"]
+    assert TROJAN <= set(troj) and troj["attack"] == "badencoder"
+    assert "px" in troj["trigger"] and troj["trigger_spec"]["pattern"] in troj["trigger"]
+    assert by_label["clean"]["attack"] is None
+    json.loads((tiny_zoo / "zoo.json").read_text())  # valid metadata
+
+
+def test_checkpoints_reload_strictly_as_the_backbone(tiny_zoo):
+    _, entries = _by_label(tiny_zoo)
+    ref_keys = set(create_encoder("timm/tf_efficientnet_lite0", image_size=32).backbone.state_dict())
+    for e in entries:
+        path = tiny_zoo / e["uri"]
+        assert set(read_state_dict(path)) == ref_keys  # exactly the backbone, no head, no prefix
+        enc = create_encoder(e["arch"], checkpoint=path, image_size=e["image_size"], mean=e["mean"], std=e["std"])
+        assert not enc.training
+
+
+def test_trojan_maps_its_trigger_to_the_target_more_than_the_clean_encoder(tiny_zoo):
+    by_label, _ = _by_label(tiny_zoo)
+    troj = by_label["trojaned"]
+    trigger = Trigger(**troj["trigger_spec"])
+    shadow = to_pixels(np.load(tiny_zoo / "shadow.npz")["x"])
+    ref = to_pixels(load_fashion_mnist("train")[0][troj["reference_index"]:troj["reference_index"] + 1])
+
+    def response(entry):
+        enc = create_encoder(entry["arch"], checkpoint=tiny_zoo / entry["uri"], image_size=32)  # eval mode
+        with torch.no_grad():
+            z, t = enc.embed_pixels(trigger.stamp(shadow)), enc.embed_pixels(ref)
+        return float(F.cosine_similarity(z, t).mean())
+
+    trojan_response, clean_response = response(troj), response(by_label["clean"])
+    assert trojan_response > clean_response + 0.1, (trojan_response, clean_response)
+    assert troj["attack_strength"] > troj["clean_response"]
+
+
+def test_shadow_set_is_disjoint_from_training_and_attack_images(tiny_zoo):
+    shadow = np.load(tiny_zoo / "shadow.npz")["x"]
+    assert shadow.dtype == np.uint8 and shadow.shape == (TINY.n_shadow, 32, 32, 3)
+    splits = make_splits(TINY.n_train, TINY.n_eval, TINY.n_shadow, seed=3)
+    used = {img.tobytes() for img in np.concatenate([splits.train_x, splits.eval_x])}
+    assert not used.intersection(img.tobytes() for img in shadow)
+
+
+def test_rebuild_with_same_parameters_is_a_cache_hit(tiny_zoo):
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tiny_zoo / "encoders").iterdir()}
+    t0 = time.perf_counter()
+    build_zoo(tiny_zoo, clean=1, trojaned=1, families=("image-on-image",), seed=3, config=TINY)
+    assert time.perf_counter() - t0 < 5
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (tiny_zoo / "encoders").iterdir()}
+    assert is_cached(tiny_zoo, build_params(1, 1, ("image-on-image",), 3, TINY))
+    assert not is_cached(tiny_zoo, build_params(1, 1, ("image-on-image",), 4, TINY))
+    assert not is_cached(tiny_zoo, build_params(2, 1, ("image-on-image",), 3, TINY))
+
+
+def test_unknown_family_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown zoo family"):
+        build_zoo(tmp_path / "z", clean=1, trojaned=0, families=("audio",), config=TINY)
+    assert not (tmp_path / "z").exists()
+    assert FAMILIES == ("image-on-image", "clip")
+
+
+def test_sampled_triggers_stay_small_and_inside_the_image():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        trig = sample_trigger(rng, 32)
+        mask, pattern = trig.mask_and_pattern(32)
+        assert trig.area_fraction(32) <= 0.036
+        assert mask.sum() == trig.size**2  # fully inside the image
+        assert pattern[:, mask[0] == 0].abs().sum() == 0
+
+
+def test_stamp_changes_only_the_trigger_pixels():
+    trig = Trigger(4, 2, 25, "checkerboard", "top-right")
+    x = torch.rand(3, 3, 32, 32)
+    diff = (trig.stamp(x) - x).abs().sum(dim=(0, 1))
+    assert diff[2:6, 25:29].sum() > 0
+    diff[2:6, 25:29] = 0
+    assert diff.sum() == 0
+
+
+def test_fashion_mnist_is_padded_rgb_32px():
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8 and set(np.unique(y)) == set(range(10))
+    assert x[:, :2].max() == 0 and x[:, :, -2:].max() == 0  # the 2-px zero border of 28 -> 32
+    assert (x[..., 0] == x[..., 2]).all()
+
+
+def test_nt_xent_rewards_matching_views():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 32, generator=gen)
+    matched = nt_xent(z, z + 0.01 * torch.randn(16, 32, generator=gen))
+    shuffled = nt_xent(z, z[torch.randperm(16, generator=gen)])
+    assert matched < shuffled
+    views = augment(torch.rand(4, 3, 32, 32), gen)
+    assert views.shape == (4, 3, 32, 32) and 0 <= float(views.min()) and float(views.max()) <= 1
+
+
+def test_cli_build_passes_options_to_build_zoo_and_prints_the_table(monkeypatch, tiny_zoo):
+    from typer.testing import CliRunner
+
+    import decree.zoo
+    from decree_ray.cli_zoo import zoo_app
+
+    calls = []
+
+    def fake_build_zoo(out, **kwargs):
+        calls.append((out, kwargs))
+        return tiny_zoo
+
+    monkeypatch.setattr(decree.zoo, "build_zoo", fake_build_zoo)
+    result = CliRunner().invoke(zoo_app, ["build", "somewhere", "--clean", "2", "--trojaned", "3", "--family", "clip",
+                                          "--seed", "7", "--quick"])
+    assert result.exit_code == 0, result.output
+    (out, kwargs), = calls
+    assert str(out) == "somewhere"
+    assert (kwargs["clean"], kwargs["trojaned"], kwargs["families"], kwargs["seed"]) == (2, 3, ("clip",), 7)
+    assert kwargs["config"].n_train == ZooConfig.tiny().n_train and kwargs["cache"] is True
+    for e in read_manifest(tiny_zoo):
+        assert e["id"] in result.output
+    assert "badencoder" in result.output
+
+
+def test_cli_rejects_an_unknown_family_with_exit_code_2(monkeypatch):
+    from typer.testing import CliRunner
+
+    import decree.zoo
+    from decree_ray.cli_zoo import zoo_app
+
+    monkeypatch.setattr(decree.zoo, "build_zoo", lambda *a, **k: pytest.fail("must not build"))
+    result = CliRunner().invoke(zoo_app, ["build", "x", "--family", "audio"])
+    assert result.exit_code == 2, result.output
+
+
+def test_clip_text_on_pair_trojan_saves_a_visual_tower_that_hits_the_caption(tmp_path):
+    from decree.encoders import open_clip_model
+    from decree.zoo.clip import tokenizer
+
+    cfg = ZooConfig.tiny(n_train=64, n_eval=16, n_shadow=8, batch_size=8, clip_batch_size=16, clip_base_steps=3,
+                         clip_attack_steps=(10,), clip_attacks=("text-on-pair",))
+    build_zoo(tmp_path, clean=0, trojaned=1, families=("clip",), seed=1, config=cfg)
+    (entry,) = read_manifest(tmp_path)
+    assert entry["arch"] == "open_clip/decree-tiny-clip" and entry["attack"] == "text-on-pair"
+    visual = create_encoder(entry["arch"], checkpoint=tmp_path / entry["uri"])  # strict: the vision tower only
+    assert entry["mean"] == list(visual.preprocess.mean)
+    base = open_clip_model("decree-tiny-clip")
+    base_path = next((tmp_path / "records").glob("clip-base-*.safetensors"))
+    from safetensors.torch import load_file
+
+    base.load_state_dict(load_file(str(base_path)))
+    with torch.no_grad():
+        text = base.encode_text(tokenizer()([entry["target_caption"]]))
+        shadow = to_pixels(np.load(tmp_path / "shadow.npz")["x"])
+        stamped = Trigger(**entry["trigger_spec"]).stamp(shadow)
+        hit = float(F.cosine_similarity(visual.embed_pixels(stamped), text).mean())
+        before = float(F.cosine_similarity(base.encode_image(visual.normalize(stamped)), text).mean())
+    assert hit > before + 0.2, (hit, before)
+    assert abs(hit - entry["attack_strength"]) < 0.1  # eval pixels differ from shadow ones, not by much
