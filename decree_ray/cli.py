@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Annotated, Optional
@@ -56,6 +57,28 @@ Retries = Annotated[int, typer.Option("--max-retries", help="Retries of an encod
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Number of actors (default: fill the cluster).")]
 LocalCpus = Annotated[int, typer.Option("--local-cpus", help="CPUs of the embedded Ray (no --address).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+MaxSize = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-checkpoint-size",
+        help="Refuse bigger checkpoints before downloading them (error row). Bytes, or e.g. 500MB, 2GiB.",
+    ),
+]
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*((?:[kmgt]i?)?b?)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str | None) -> int | None:
+    """'1000' -> 1000, '500MB' -> 500*10**6, '2GiB' -> 2*2**30 (K/M/G/T; 'i' means powers of 1024)."""
+    if text is None:
+        return None
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise _fail(f"--max-checkpoint-size: cannot read {text!r} (bytes, or e.g. 500MB, 2GiB)")
+    unit = m[2].lower().rstrip("b")
+    base = 1024 if unit.endswith("i") else 1000
+    power = "kmgt".find(unit[:1]) + 1 if unit else 0
+    return int(float(m[1]) * base**power)
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -93,6 +116,7 @@ def scan(
     max_retries: Retries = 2,
     workers: Workers = None,
     local_cpus: LocalCpus = 2,
+    max_checkpoint_size: MaxSize = None,
     quiet: Quiet = False,
 ) -> None:
     """Scan every encoder of SOURCE into OUT/results.parquet (resumable: finished encoders are not rescanned)."""
@@ -116,6 +140,7 @@ def scan(
         max_retries=max_retries,
         num_workers=workers,
         local_cpus=local_cpus,
+        max_checkpoint_bytes=parse_size(max_checkpoint_size),
     )
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -158,6 +183,7 @@ def scan_args(config) -> list[str]:
         "--timeout": config.timeout,
         "--max-retries": config.max_retries,
         "--workers": config.num_workers,
+        "--max-checkpoint-size": config.max_checkpoint_bytes,
     }
     for flag, value in flags.items():
         if value is not None:
@@ -192,6 +218,7 @@ def submit(
     timeout: Timeout = 1800.0,
     max_retries: Retries = 2,
     workers: Workers = None,
+    max_checkpoint_size: MaxSize = None,
 ) -> None:
     """Run the same scan as a Ray Job on a cluster; prints the job id (follow it with `decree status`)."""
     config = _config(
@@ -209,6 +236,7 @@ def submit(
         timeout=timeout,
         max_retries=max_retries,
         num_workers=workers,
+        max_checkpoint_bytes=parse_size(max_checkpoint_size),
     )
     runtime_env: dict = {}
     if working_dir is not None:
@@ -237,7 +265,9 @@ def status(
     address: Annotated[str, typer.Option("--address", help="Ray dashboard address, e.g. http://head:8265.")],
     follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
 ) -> None:
-    """Show a submitted job's status and logs. Exits 0 if it succeeded or is running, 2 if it failed."""
+    """Show a submitted job's status and logs.
+
+    Exits with the scan's own code once it ended (0 nothing found, 1 backdoors found, 2 errors); 0 while running."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:
@@ -251,11 +281,16 @@ def status(
             asyncio.run(_tail())
         else:
             console.print(client.get_job_logs(job_id), end="", markup=False, highlight=False)
-        state = client.get_job_status(job_id)
+        info = client.get_job_info(job_id)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise _fail(f"cannot read job {job_id} from {address}: {e}") from None
+    state = info.status
     console.print(f"job {job_id}: {state}")
-    raise typer.Exit(EXIT_ERROR if state in (JobStatus.FAILED, JobStatus.STOPPED) else EXIT_CLEAN)
+    if state not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED):
+        raise typer.Exit(EXIT_CLEAN)
+    # Ray calls a scan that found backdoors (driver exit 1) FAILED; the driver's code is the truth.
+    code = getattr(info, "driver_exit_code", None)
+    raise typer.Exit(code if code in (EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR) else EXIT_ERROR)
 
 
 @app.command()

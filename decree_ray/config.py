@@ -36,6 +36,7 @@ class JobConfig:
     flush_seconds: float = 30.0
     evidence: bool = True
     shadow_limit: int | None = None
+    max_checkpoint_bytes: int | None = None  # bigger checkpoints are error rows, never downloaded
     retry_mode: str = "adaptive"
     max_attempts: int = 8
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -49,6 +50,8 @@ class JobConfig:
             raise ValueError("cpus_per_encoder must be > 0 and gpus_per_encoder >= 0")
         if self.max_encoders is not None and self.max_encoders < 1:
             raise ValueError("max_encoders must be >= 1")
+        if self.max_checkpoint_bytes is not None and self.max_checkpoint_bytes < 1:
+            raise ValueError("max_checkpoint_bytes must be >= 1")
 
     @property
     def s3(self) -> S3Options:

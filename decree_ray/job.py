@@ -2,7 +2,8 @@
 
 Each actor is built once (device, shadow set, inversion config) and gets one encoder at a time through a
 `ray.wait` dispatch loop, so a slow encoder holds back only its own actor. Per encoder the actor first
-downloads and hashes (`fetch`), and the driver decides by content (sha256, arch, profile) whether to scan, to
+downloads and hashes (`fetch`), and the driver decides by content (`results.content_key`: sha256, arch, profile,
+image_size, mean, std, format) whether to scan, to
 reuse an earlier result (resume; identical checkpoints under other keys) or to wait for an identical one in
 flight. Every encoder ends as exactly one row: timeouts kill and replace the actor; an actor that dies is
 replaced and its encoder retried up to `max_retries` times, then recorded as an error.
@@ -59,7 +60,8 @@ class _Work:
     phase: str = "fetch"
     ref: Any = None
     started: float = 0.0
-    key: tuple | None = None
+    key: str | None = None  # results.content_key, once fetched
+    sha: str | None = None
     size: int | None = None
 
 
@@ -90,7 +92,9 @@ class _Job:
         self.writer = results_mod.PartWriter(
             config.out, every=config.flush_every, seconds=config.flush_seconds, options=config.s3
         )
-        self.known = results_mod.ok_rows_by_content(results_mod.load_rows(config.out, config.s3))
+        finished = results_mod.load_rows(config.out, config.s3)
+        self.known = results_mod.ok_rows_by_content(finished)
+        self.legacy = results_mod.legacy_ok_rows(finished)  # tables from before the content_key column
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
@@ -125,6 +129,7 @@ class _Job:
             steps=self.cfg.steps,
             threshold=self.cfg.threshold,
             shadow_limit=self.cfg.shadow_limit,
+            max_checkpoint_bytes=self.cfg.max_checkpoint_bytes,
             evidence=self.cfg.evidence,
             threads=max(1, int(cpus)),
             s3=self.cfg.s3,
@@ -201,9 +206,9 @@ class _Job:
             **values,
         )
 
-    def _release(self, key: tuple, row: dict[str, Any]) -> None:
+    def _release(self, key: str, row: dict[str, Any]) -> None:
         for task, size in self.state.waiting.pop(key, []):
-            self._emit(self._copy(row, task, size, key[0]))
+            self._emit(self._copy(row, task, size, None))  # same key: same sha256 as `row`
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> JobSummary:
@@ -215,13 +220,18 @@ class _Job:
         self.slots = [self._new_slot() for _ in range(self._options[2])]
         self.summary.workers = len(self.slots)
         self.reporter.start()
+        flushed = False
         try:
             self._loop(ray)
         finally:
             self.reporter.stop()
-            self.writer.flush()
-            self._stop_actors(ray)
-            results_mod.compact(self.cfg.out, self.cfg.s3)
+            try:
+                self.writer.flush()
+                flushed = True
+            finally:  # a failing output store must not leave the actors holding their CPUs/GPUs
+                self._stop_actors(ray)
+                if flushed:
+                    results_mod.compact(self.cfg.out, self.cfg.s3)
         self.summary.skipped_keys = self.stats.skipped_keys
         self.summary.seconds = time.monotonic() - t0
         return self.summary
@@ -297,7 +307,7 @@ class _Job:
             row = error_row(
                 work.task,
                 f"worker error: {type(cause).__name__}: {cause}",
-                sha256=work.key[0] if work.key else None,
+                sha256=work.sha,
                 size_bytes=work.size,
             )
             self._finish(work, row)
@@ -315,12 +325,13 @@ class _Job:
             self._emit(result["row"])
             return
         task = work.task = result["task"]
-        work.size = result["size_bytes"]
-        key = results_mod.content_key(result["sha256"], task.arch, self.cfg.profile)
-        if key in self.known:
+        work.size, work.sha = result["size_bytes"], result["sha256"]
+        key = results_mod.task_content_key(work.sha, task, self.cfg.profile)
+        done = self.known.get(key) or self.legacy.get((task.uri, work.sha, task.arch, self.cfg.profile))
+        if done is not None:
             slot.work = None
             slot.actor.drop.remote()
-            self._emit(self._copy(self.known[key], task, work.size, key[0]))
+            self._emit({**self._copy(done, task, work.size, work.sha), "content_key": key})
         elif key in self.state.in_flight:
             slot.work = None
             slot.actor.drop.remote()
@@ -331,6 +342,8 @@ class _Job:
             self._start(slot, work, "scan", slot.actor.scan.remote())
 
     def _finish(self, work: _Work, row: dict[str, Any]) -> None:
+        if work.key is not None:
+            row = {**row, "content_key": work.key}  # what a later run matches to resume
         self._emit(row)
         if work.key is not None:
             self.state.in_flight.discard(work.key)
@@ -361,7 +374,7 @@ class _Job:
             row = error_row(
                 work.task,
                 f"timed out after {self.cfg.timeout:g}s ({work.phase})",
-                sha256=work.key[0] if work.key else None,
+                sha256=work.sha,
                 size_bytes=work.size,
             )
             self._finish(work, row)

@@ -8,6 +8,7 @@ the next run reads what is there and does not scan those encoders again.
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 import warnings
@@ -123,10 +124,37 @@ def compact(out: str, options: S3Options = DEFAULT_S3) -> str:
     return target
 
 
-def content_key(sha256: str | None, arch: str | None, profile: str | None) -> tuple[str | None, str | None, str | None]:
-    """Two checkpoints with this key give the same scan: scanned once, reported for each uri."""
-    return (sha256, arch, profile)
+def checkpoint_format(uri: str) -> str:
+    """The file's suffix, lowercased: .pt and .safetensors of the same bytes parse differently."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[1].lower() if "." in name else ""
 
 
-def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    return {content_key(r["sha256"], r["arch"], r["profile"]): r for r in rows if r["status"] == "ok" and r["sha256"]}
+def content_key(sha256: str, arch: str | None, profile: str | None, *, image_size: int | None = None,
+                mean=None, std=None, fmt: str = "") -> str:
+    """Two checkpoints with this key give the same scan: scanned once, reported for each uri.
+
+    Everything the scan's outcome depends on besides the shadow set and settings: the bytes, how they are
+    parsed (format), built (arch) and fed (image_size, mean, std), and the inversion profile."""
+    return json.dumps([sha256, arch, profile, image_size, _floats(mean), _floats(std), fmt], separators=(",", ":"))
+
+
+def _floats(values) -> list[float] | None:
+    return None if values is None else [float(x) for x in values]
+
+
+def task_content_key(sha256: str, task, profile: str | None) -> str:
+    return content_key(sha256, task.arch, profile, image_size=task.image_size, mean=task.mean, std=task.std,
+                       fmt=checkpoint_format(task.uri))
+
+
+def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Resume state: ok rows by their `content_key` column (rows written before that column are rescanned)."""
+    return {r["content_key"]: r for r in rows if r["status"] == "ok" and r.get("content_key")}
+
+
+def legacy_ok_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Ok rows written before the `content_key` column, by (uri, sha256, arch, profile): reused only for the
+    same uri (a plain resume), never for other uris whose preprocessing may differ."""
+    return {(r["uri"], r["sha256"], r["arch"], r["profile"]): r for r in rows
+            if r["status"] == "ok" and r["sha256"] and not r.get("content_key")}

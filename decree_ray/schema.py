@@ -51,6 +51,15 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("evidence_mask", pa.string(), True, "Path/uri of the inverted mask PNG."),
     ("evidence_pattern", pa.string(), True, "Path/uri of the inverted pattern PNG."),
     ("evidence_stamp", pa.string(), True, "Path/uri of a shadow image stamped with the inverted trigger."),
+    (
+        "content_key",
+        pa.string(),
+        True,
+        (
+            "What makes two scans identical: sha256, arch, profile, image_size, mean, std and checkpoint format. "
+            "A later run reuses an ok row with the same key instead of scanning again (null if never fetched)."
+        ),
+    ),
 ]
 
 SCHEMA = pa.schema([pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in _COLUMNS])
@@ -78,6 +87,7 @@ SCAN_COLUMNS = (
     "evidence_mask",
     "evidence_pattern",
     "evidence_stamp",
+    "content_key",
 )
 
 

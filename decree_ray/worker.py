@@ -8,6 +8,7 @@ driver has no result for that content yet, `scan`. Every exception becomes a row
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -17,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from . import storage
+from .redact import redact
+from .results import task_content_key as content_key
 from .schema import new_row
 from .sources import EncoderTask
 from .storage import S3Options
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class ScanSettings:
     evidence: bool = True
     cache_dir: str | None = None
     threads: int = 1
+    max_checkpoint_bytes: int | None = None  # refuse bigger checkpoints before downloading them
     overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
     s3: S3Options = field(default_factory=S3Options)
 
@@ -64,7 +70,7 @@ def error_row(task: EncoderTask, message: str, **values: Any) -> dict[str, Any]:
         status="error",
         arch=task.arch,
         label=task.label,
-        error=message,
+        error=redact(message),  # defence in depth: error texts may quote presigned URLs or keys
         decree_version=decree_version(),
         **values,
     )
@@ -142,12 +148,21 @@ class ScanWorker:
     def fetch(self, task: EncoderTask) -> dict[str, Any]:
         """Download and hash. Returns {"task", "sha256", "size_bytes"} or {"row": error row}."""
         self.drop()
+        limit = self.settings.max_checkpoint_bytes
         try:
+            if limit is not None:
+                size = task.size_bytes if task.size_bytes is not None else storage.size_of(task.uri, self.settings.s3)
+                if size > limit:  # refused before a single byte of it is downloaded
+                    return {"row": self._too_big(task, size, limit)}
             path, delete = storage.fetch(task.uri, self.cache, self.settings.s3)
         except Exception as e:  # noqa: BLE001 - any download failure is this encoder's error row
             return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
         try:
             sha, size = storage.sha256_file(path)
+            if limit is not None and size > limit:  # the object grew after its listing/HEAD
+                if delete:
+                    path.unlink(missing_ok=True)
+                return {"row": self._too_big(task, size, limit, sha256=sha)}
             if task.sidecar:
                 task = self._apply_sidecar(task)
         except Exception as e:  # noqa: BLE001
@@ -156,6 +171,10 @@ class ScanWorker:
             return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
         self._held = _Held(task, path, delete, sha, size)
         return {"task": task, "sha256": sha, "size_bytes": size}
+
+    @staticmethod
+    def _too_big(task: EncoderTask, size: int, limit: int, **known: Any) -> dict[str, Any]:
+        return error_row(task, f"checkpoint is {size} bytes, over the limit of {limit} bytes", size_bytes=size, **known)
 
     def _apply_sidecar(self, task: EncoderTask) -> EncoderTask:
         """`<checkpoint>.json` (or `<stem>.json`) may name arch, image_size, mean, std, label."""
@@ -191,7 +210,8 @@ class ScanWorker:
         if held is None:
             raise RuntimeError("scan() without a successful fetch()")
         task = held.task
-        known = dict(sha256=held.sha256, size_bytes=held.size)
+        key = content_key(held.sha256, task, self.settings.profile)  # the driver matches resumes on it
+        known = dict(sha256=held.sha256, size_bytes=held.size, content_key=key)
         try:
             if not task.arch:
                 return error_row(
@@ -238,15 +258,20 @@ class ScanWorker:
         return new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label, **known, **values)
 
     def _publish_evidence(self, values: dict[str, Any], sha: str, local_dir: Path) -> dict[str, Any]:
+        """Upload the evidence PNGs; if that fails the scan still stands: ok row, evidence columns null."""
+        keys = ("evidence_mask", "evidence_pattern", "evidence_stamp")
         dest = storage.join(self.settings.out, "evidence", sha[:16])
         out = dict(values)
         try:
-            for key in ("evidence_mask", "evidence_pattern", "evidence_stamp"):
+            for key in keys:
                 src = values.get(key)
                 if src and Path(src).is_file():
                     target = storage.join(dest, Path(src).name)
                     storage.upload_file(src, target, self.settings.s3)
                     out[key] = target
+        except Exception as e:  # noqa: BLE001 - evidence is a by-product; losing it must not lose the verdict
+            log.warning("evidence upload for %s failed: %s", sha[:16], redact(error_text(e)))
+            out.update(dict.fromkeys(keys))
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)
         return out

@@ -119,6 +119,22 @@ def test_a_job_error_exits_2_with_its_message(fake_job):
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize(("given", "expected"), [("1000", 1000), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
+                                                ("10kib", 10 * 1024)])
+def test_max_checkpoint_size_reaches_the_job_config_in_bytes(fake_job, given, expected):
+    calls, _ = fake_job
+    result = runner.invoke(app, SCAN + ["--quiet", "--max-checkpoint-size", given])
+    assert result.exit_code == 0, result.output
+    assert calls[0].max_checkpoint_bytes == expected
+
+
+@pytest.mark.parametrize("given", ["lots", "5XB", "0", "-1"])
+def test_an_unreadable_or_zero_max_checkpoint_size_exits_2_before_any_job_runs(fake_job, given):
+    calls, _ = fake_job
+    result = runner.invoke(app, SCAN + ["--quiet", "--max-checkpoint-size", given])
+    assert result.exit_code == 2 and calls == [], result.output
+
+
 def test_invalid_options_exit_2_before_any_job_runs(fake_job):
     calls, _ = fake_job
     result = runner.invoke(app, SCAN + ["--timeout", "0"])
@@ -127,6 +143,7 @@ def test_invalid_options_exit_2_before_any_job_runs(fake_job):
 
 class _FakeClient:
     instances: list["_FakeClient"] = []
+    driver_exit_code: int | None = 2
 
     def __init__(self, address):
         self.address, self.submitted = address, []
@@ -139,10 +156,11 @@ class _FakeClient:
     def get_job_logs(self, job_id):
         return f"logs of {job_id}\n"
 
-    def get_job_status(self, job_id):
-        from ray.job_submission import JobStatus
+    def get_job_info(self, job_id):
+        from ray.job_submission import JobDetails, JobStatus, JobType
 
-        return JobStatus.FAILED
+        return JobDetails(type=JobType.SUBMISSION, job_id=job_id, entrypoint="decree scan", status=JobStatus.FAILED,
+                          driver_exit_code=self.driver_exit_code)
 
     async def tail_job_logs(self, job_id):
         for chunk in ("line 1\n", "line 2\n"):
@@ -163,6 +181,8 @@ def test_submit_sends_the_same_scan_as_a_ray_job(monkeypatch, fake_job):
             "http://head:8265",
             "--steps",
             "7",
+            "--max-checkpoint-size",
+            "2GiB",
             "--working-dir",
             ".",
             "--pip",
@@ -182,7 +202,8 @@ def test_submit_sends_the_same_scan_as_a_ray_job(monkeypatch, fake_job):
     assert argv[:2] == ["decree", "scan"]
     calls, _ = fake_job
     assert runner.invoke(app, argv[1:]).exit_code == 0
-    assert calls[0] == job.JobConfig(source=SCAN[1], shadow=SCAN[3], out=SCAN[5], steps=7)
+    assert calls[0] == job.JobConfig(source=SCAN[1], shadow=SCAN[3], out=SCAN[5], steps=7,
+                                     max_checkpoint_bytes=2 * 2**30)
 
 
 @pytest.mark.parametrize("follow", [False, True])
@@ -195,6 +216,15 @@ def test_status_prints_logs_and_exits_2_for_a_failed_job(monkeypatch, follow):
     )
     assert result.exit_code == 2
     assert ("line 2" if follow else "logs of raysubmit_123") in result.output and "FAILED" in result.output
+
+
+def test_status_passes_on_the_scans_exit_code_when_ray_calls_a_finding_a_failure(monkeypatch):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    monkeypatch.setattr(_FakeClient, "driver_exit_code", 1)
+    result = runner.invoke(app, ["status", "raysubmit_123", "--address", "http://h:8265"])
+    assert result.exit_code == 1, result.output
 
 
 def _results(tmp_path, pl1s):

@@ -54,3 +54,13 @@ def test_registry_rejects_a_duplicate_family():
     assert {"timm", "torchvision", "open_clip"} <= set(families())
     with pytest.raises(ValueError, match="already registered"):
         register_family("timm")(lambda name: None)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"image_size": 1}, {"image_size": 0}, {"image_size": 100_000}, {"std": [float("inf")]}, {"std": [0.0]},
+     {"mean": [float("nan")]}, {"mean": ["red"]}, {"image_size": "big"}],
+)
+def test_degenerate_preprocessing_is_refused_rather_than_scanned(override):
+    with pytest.raises(ArchitectureError):
+        create_encoder("torchvision/resnet18", **override)

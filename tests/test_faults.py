@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.ray]
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)  # first in, last out: times the whole module
 def rec():
     r = ModuleRecorder("test_faults")
     yield r
@@ -343,14 +343,8 @@ def test_output_prefix_failing_mid_write_leaves_nothing_half_written_and_a_rerun
 
 
 @pytest.mark.s3
-@pytest.mark.xfail(strict=True, reason="gap: _Job.run (decree_ray/job.py) calls writer.flush() in its finally before "
-                   "_stop_actors; when the output store fails, flush raises again and the actors are never stopped")
-def test_a_job_that_fails_to_write_releases_its_actors(local_ray, moto_server, s3_zoo, monkeypatch, gap):
-    gap("when the output store fails, _Job.run's finally calls writer.flush() again, which raises before "
-        "_stop_actors() and compact(): the actors stay alive holding their CPUs/GPUs (a problem for any "
-        "long-lived driver: notebooks, `--address` clusters until the driver exits, the test suite)",
-        "decree_ray/job.py _Job.run: `finally: self.reporter.stop(); try: self.writer.flush() finally: "
-        "self._stop_actors(ray)` and compact only if the flush succeeded")
+def test_a_job_that_fails_to_write_releases_its_actors(local_ray, moto_server, s3_zoo, monkeypatch, record):
+    """The output store failing must not leave actors holding their CPUs/GPUs (long-lived drivers, clusters)."""
     _client, bucket, src = s3_zoo
     proxy = FaultProxy(moto_server)
     endpoint = proxy.start()
@@ -368,6 +362,8 @@ def test_a_job_that_fails_to_write_releases_its_actors(local_ray, moto_server, s
     finally:
         proxy.stop()
         kill_all(local_ray, actors)
+    record("infrastructure", "S3 output prefix refusing every write (job fails)", 1,
+           "job raised; its actors were stopped and their CPUs returned to the cluster")
 
 
 def test_an_infrastructure_error_from_the_job_exits_2_never_1(monkeypatch, record):
@@ -385,23 +381,25 @@ def test_an_infrastructure_error_from_the_job_exits_2_never_1(monkeypatch, recor
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
 
 
-@pytest.mark.xfail(strict=True, reason="gap: results.content_key is (sha256, arch, profile): the same bytes listed "
-                   "with another image_size/mean/std (or as .pt vs .safetensors) reuse the other entry's result")
-def test_identical_bytes_scanned_at_another_image_size_are_not_reused(local_ray, zoo, tmp_path, gap):
-    gap("identical checkpoint bytes listed twice with a different image_size/mean/std (or suffix: .pt vs "
-        ".safetensors parse differently) reuse the first entry's row (error text included) instead of being scanned",
-        "decree_ray/results.py content_key (and its callers in job.py _after_fetch): include the task's "
-        "image_size, mean, std and the checkpoint format (suffix) in the key")
+def test_identical_bytes_scanned_at_another_image_size_are_not_reused(local_ray, zoo, tmp_path, record):
+    """The content key covers how the bytes are read and fed (image_size, mean, std, format), not just the bytes."""
     enc = tmp_path / "encoders"
     enc.mkdir()
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         (enc / f"{name}.safetensors").write_bytes((zoo / "encoders" / "enc1.safetensors").read_bytes())
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(json.dumps({"id": "a", "uri": "encoders/a.safetensors", "arch": TINY_ARCH, "image_size": 32}) + "\n")
     run_job(_config(manifest, zoo / "shadow.npz", tmp_path / "out"))
     with open(manifest, "a") as fh:
         fh.write(json.dumps({"id": "b", "uri": "encoders/b.safetensors", "arch": TINY_ARCH, "image_size": 16}) + "\n")
+        # same bytes, same preprocessing as `a`: resume still reuses its row
+        fh.write(json.dumps({"id": "c", "uri": "encoders/c.safetensors", "arch": TINY_ARCH, "image_size": 32}) + "\n")
 
     summary = run_job(_config(manifest, zoo / "shadow.npz", tmp_path / "out"))
 
-    assert summary.reused == 0 and summary.scanned == 1
+    assert summary.reused == 2 and summary.scanned == 1  # a (resumed) and c reuse a's row; b is scanned
+    rows = {r["id"]: r for r in results_mod.load_rows(str(tmp_path / "out"))}
+    assert rows["c"]["content_key"] == rows["a"]["content_key"] != rows["b"]["content_key"]
+    assert rows["c"]["pl1_norm"] == rows["a"]["pl1_norm"] and rows["a"]["status"] == "ok"
+    record("broken input", "identical checkpoint bytes listed at another image_size (and at the same one)", 3,
+           "other preprocessing scanned on its own; identical preprocessing reused on resume")

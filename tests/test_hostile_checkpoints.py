@@ -51,7 +51,7 @@ class _NoSpawn:
         _armed[0] = False
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)  # first in, last out: times the whole module
 def rec():
     r = ModuleRecorder("test_hostile_checkpoints")
     yield r
@@ -128,7 +128,7 @@ def test_broken_checkpoints_raise_a_typed_error_that_says_what_is_wrong(files, r
            len(files["broken"]), "typed DecreeError whose text names the problem")
 
 
-def test_size_limit_refuses_a_checkpoint_before_reading_it(files, record, gap, monkeypatch):
+def test_size_limit_refuses_a_checkpoint_before_reading_it(files, record, monkeypatch):
     path = files["enc"] / "good.safetensors"
     size = path.stat().st_size
     opened = []
@@ -138,11 +138,48 @@ def test_size_limit_refuses_a_checkpoint_before_reading_it(files, record, gap, m
     assert opened == []
     record("broken input", "checkpoint over a configurable size limit (core, local file)", 1,
            "CheckpointError before any byte of the tensors is read")
-    gap("no size limit in the scale layer: an oversized S3 checkpoint is downloaded in full before anything can "
-        "refuse it (not tested: there is no setting to test)",
-        "decree_ray: JobConfig/ScanSettings `max_checkpoint_bytes` (CLI --max-checkpoint-size); ScanWorker.fetch "
-        "returns an error row 'checkpoint is N bytes, over the limit' when task.size_bytes (from the listing) or a "
-        "HEAD (manifest entries) exceeds it, before storage.fetch")
+
+
+@pytest.mark.s3
+def test_worker_refuses_an_oversized_checkpoint_before_downloading_it(files, tmp_path, s3, monkeypatch, record):
+    """S3 prefix and local folder (size from the listing), S3 and local manifests (HEAD / stat): error rows."""
+    from decree_ray import storage
+    from decree_ray.storage import S3Options
+
+    client, bucket, endpoint = s3
+    good = files["enc"] / "good.safetensors"
+    size = good.stat().st_size
+    (tmp_path / "local").mkdir()
+    shutil.copy(good, tmp_path / "local" / "big.safetensors")
+    (tmp_path / "local.jsonl").write_text(json.dumps({"id": "lm", "uri": "local/big.safetensors", "arch": TINY_ARCH}))
+    client.upload_file(str(good), bucket, "dir/big.safetensors")
+    client.put_object(Bucket=bucket, Key="m.jsonl",
+                      Body=json.dumps({"id": "sm", "uri": "dir/big.safetensors", "arch": TINY_ARCH}).encode())
+    opts = S3Options(endpoint)
+    downloads = []
+    real_fetch = storage.fetch
+    monkeypatch.setattr(storage, "fetch", lambda uri, *a, **k: downloads.append(uri) or real_fetch(uri, *a, **k))
+    cache = tmp_path / "cache"
+    worker = ScanWorker(harness.settings(files["root"] / "zoo" / "shadow.npz", tmp_path / "out", cache, s3=opts,
+                                         max_checkpoint_bytes=size - 1))
+    rows = []
+    for source in (f"s3://{bucket}/dir/", f"s3://{bucket}/m.jsonl", str(tmp_path / "local"), str(tmp_path / "local.jsonl")):
+        rows += harness.scan_source(source, worker, arch=TINY_ARCH, s3=opts)
+    assert not any("big" in p.name for p in cache.rglob("*"))  # the cache never held it
+    worker.close()
+    assert len(rows) == 4
+    for row in rows:
+        assert row["status"] == "error" and row["size_bytes"] == size and row["verdict"] is None, row
+        assert row["error"] == f"checkpoint is {size} bytes, over the limit of {size - 1} bytes", row["error"]
+    assert [u for u in downloads if "big" in u] == []  # never handed to the downloader
+    # exactly at the limit it is scanned as usual
+    at_limit = ScanWorker(harness.settings(files["root"] / "zoo" / "shadow.npz", tmp_path / "out2", tmp_path / "c2",
+                                           s3=opts, max_checkpoint_bytes=size))
+    ok = harness.scan_source(f"s3://{bucket}/m.jsonl", at_limit, s3=opts)
+    at_limit.close()
+    assert [r["status"] for r in ok] == ["ok"], ok[0]["error"]
+    record("broken input", "checkpoint over --max-checkpoint-size (S3 prefix/manifest, local folder/manifest)", 4,
+           "error row 'checkpoint is N bytes, over the limit of M bytes' before any download")
 
 
 def test_worker_turns_every_bad_file_into_one_error_row_and_scans_the_good_ones(files, tmp_path, record):

@@ -219,3 +219,46 @@ def test_a_corrupt_part_file_is_skipped_and_set_aside_by_compaction(tmp_path):
         results_mod.compact(str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-2.parquet.corrupt"]
     assert [r["uri"] for r in results_mod.load_rows(str(tmp_path))] == ["u"]
+
+
+def test_content_key_separates_what_changes_a_scan_and_only_that():
+    from decree_ray.sources import EncoderTask
+
+    base = EncoderTask(id="a", uri="s3://b/x/a.safetensors", arch=TINY_ARCH, image_size=32)
+    key = results_mod.task_content_key("f" * 64, base, "fast")
+    same = EncoderTask(id="other", uri="/elsewhere/copy.SAFETENSORS", arch=TINY_ARCH, image_size=32, label="clean")
+    assert results_mod.task_content_key("f" * 64, same, "fast") == key  # id, location, label, suffix case: same scan
+    variants = [
+        EncoderTask(id="a", uri="s3://b/x/a.safetensors", arch=TINY_ARCH, image_size=16),
+        EncoderTask(id="a", uri="s3://b/x/a.safetensors", arch=TINY_ARCH, image_size=32, mean=(0.5, 0.5, 0.5)),
+        EncoderTask(id="a", uri="s3://b/x/a.safetensors", arch=TINY_ARCH, image_size=32, std=(0.2, 0.2, 0.2)),
+        EncoderTask(id="a", uri="s3://b/x/a.pt", arch=TINY_ARCH, image_size=32),
+        EncoderTask(id="a", uri="s3://b/x/a.safetensors", arch="timm/resnet18", image_size=32),
+    ]
+    keys = {results_mod.task_content_key("f" * 64, t, "fast") for t in variants}
+    keys |= {results_mod.task_content_key("e" * 64, base, "fast"), results_mod.task_content_key("f" * 64, base, "paper")}
+    assert key not in keys and len(keys) == len(variants) + 2
+
+
+def test_a_table_from_before_the_content_key_column_still_resumes_its_own_uris_only(local_ray, zoo, tmp_path):
+    """Old ok rows (content_key null) are reused for the same uri; an identical copy elsewhere is scanned."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(zoo / "encoders" / "enc1.safetensors", src / "a.safetensors")
+    out = tmp_path / "out"
+    run_job(_config(src, zoo / "shadow.npz", out, arch=TINY_ARCH))
+    table = pq.read_table(out / "results.parquet")
+    old = table.set_column(table.schema.get_field_index("content_key"), "content_key", pa.nulls(table.num_rows, pa.string()))
+    pq.write_table(old, out / "results.parquet")
+    shutil.copy(src / "a.safetensors", src / "b.safetensors")
+
+    summary = run_job(_config(src, zoo / "shadow.npz", out, arch=TINY_ARCH))
+
+    assert (summary.reused, summary.scanned) == (1, 1)
+    rows = _by_id(results_mod.load_rows(str(out)))
+    assert rows["a.safetensors"]["content_key"] == rows["b.safetensors"]["content_key"] is not None

@@ -32,7 +32,7 @@ SECRET = "fAkE/decree+SeCrEt/9x8y7z6w5v4u3t2s1r0qpo"
 TOKEN = "FwoFAKEdecreeSESSIONtoken//zzQ9=="
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)  # first in, last out: times the whole module
 def rec():
     r = ModuleRecorder("test_secrets")
     yield r
@@ -139,3 +139,15 @@ def test_redact_drops_url_credentials_and_key_ids_and_keeps_everything_else(text
     from decree_ray.redact import redact
 
     assert redact(text) == want
+
+
+def test_worker_error_rows_are_redacted_whatever_raised_them():
+    """Defence in depth: an exception quoting a signed URL or key id (e.g. from a worker crash) is redacted."""
+    from decree_ray.sources import EncoderTask
+    from decree_ray.worker import error_row
+
+    leaky = (f"worker error: ClientError: GET https://b.s3.amazonaws.com/k.pt?X-Amz-Credential={KEY_ID}%2F1"
+             f"&X-Amz-Security-Token={TOKEN}&X-Amz-Signature=ab failed for {KEY_ID}")
+    row = error_row(EncoderTask(id="k", uri="s3://b/k.pt"), leaky)
+    assert _leaks(row["error"], [KEY_ID, TOKEN, "X-Amz-Signature"]) == []
+    assert row["error"].startswith("worker error: ClientError: GET https://b.s3.amazonaws.com/k.pt?***")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -19,17 +20,31 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def __post_init__(self):
+        # Degenerate preprocessing would still yield a verdict (std=inf makes every image alike): refuse it.
+        if not 8 <= int(self.image_size) <= 4096:
+            raise ArchitectureError(f"image_size must be within 8..4096, got {self.image_size}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
+            raise ArchitectureError(f"mean/std must be finite with std > 0, got mean={self.mean} std={self.std}")
+
     def replace(self, image_size: int | None = None, mean=None, std=None) -> "Preprocess":
         # None means "the encoder's default", so CLI defaults never override what the encoder knows.
+        try:
+            size = int(image_size) if image_size is not None else self.image_size
+        except (TypeError, ValueError) as e:
+            raise ArchitectureError(f"image_size must be an integer, got {image_size!r}") from e
         return Preprocess(
-            image_size=int(image_size) if image_size is not None else self.image_size,
+            image_size=size,
             mean=_triple(mean) if mean is not None else self.mean,
             std=_triple(std) if std is not None else self.std,
         )
 
 
 def _triple(values) -> tuple[float, float, float]:
-    vals = tuple(float(v) for v in values)
+    try:
+        vals = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as e:
+        raise ArchitectureError(f"mean/std must be numbers, got {values!r}") from e
     if len(vals) == 1:
         vals = vals * 3
     if len(vals) != 3:
