@@ -34,11 +34,14 @@ test-fast: install
 
 bench: bench-quality bench-scale
 
+# Builds (and caches) the default zoo when BENCH_ARGS names none; the committed run used
+#   BENCH_ARGS="--zoo ZOO_I2I --zoo ZOO_CLIP --paper-max-steps 200"
+BENCH_ARGS ?= --paper-max-steps 200
 bench-quality: install
-	$(BIN)/decree bench --out bench
+	$(BIN)/decree bench --out bench $(BENCH_ARGS)
 
 bench-scale: install
-	$(BIN)/python -m decree_ray.bench_scale --out bench
+	$(BIN)/python -m decree_ray.bench_scale --out bench --n 200 --keys 50000
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .encoders import create_encoder
 from .inversion import InversionConfig, invert
-from .scoring import DEFAULT_THRESHOLD, score
+from .scoring import score
 from .shadow import ShadowSet
 
 FAMILIES = ("image-on-image", "image-on-pair", "text-on-pair")
@@ -210,7 +210,9 @@ def scan_row(entry: dict, shadow: ShadowSet, profile: str, cfg: InversionConfig,
         pixels = shadow.pixels(enc.preprocess.image_size, device)
         load_s = time.perf_counter() - t0
         res = invert(enc, pixels, cfg, device=device)
-        verdict = score(res, threshold).verdict
+        scored = score(res, threshold)
+        verdict = scored.verdict
+        row["threshold"] = scored.threshold
     except Exception as e:  # noqa: BLE001 - any failure of one encoder is that encoder's result
         row.update(status="error", error=f"{type(e).__name__}: {e}"[:500], seconds=time.perf_counter() - t0)
         row["_traceback"] = traceback.format_exc()
@@ -336,7 +338,7 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
     out.mkdir(parents=True, exist_ok=True)
     profiles = list(profiles)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    thr = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    thr = None if threshold is None else float(threshold)  # None: each profile's own threshold
     entries = select_entries(read_zoos(zoo_dir), families, limit)
     if not entries:
         raise ValueError(f"no encoders to benchmark in {zoo_dir} (families={families}, limit={limit})")
@@ -378,7 +380,8 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "zoo": ", ".join(str(z) for z in zoos), "zoo_hash": "+".join(zhashes.values()),
         "zoos": {str(z): h for z, h in zhashes.items()}, "profiles_run": profiles,
-        "threshold": thr, "paper_max_steps": paper_max_steps, "fpr_target": FPR_TARGET,
+        "threshold": thr, "thresholds": {p: (thr if thr is not None else configs[p].threshold) for p in profiles},
+        "paper_max_steps": paper_max_steps, "fpr_target": FPR_TARGET,
         "configs": {p: c.to_dict() for p, c in configs.items()},
         "wall_seconds": time.perf_counter() - t_start,
         **env, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, **summary,

@@ -35,7 +35,7 @@ def results_markdown(results: dict, rows: list[dict]) -> str:
           f"every profile in one run, interleaved per encoder."), "",
           f"Device `{results['device']}`, torch {results['torch']}, {results['cpu_count']} CPUs "
           f"({results['torch_threads']} torch threads)" + (f", GPU {results['gpu']}" if results.get("gpu") else "")
-          + f". Verdict threshold PL1 < {results['threshold']}.", ""]
+          + f". Verdict threshold PL1 < {_thresholds(results)}.", ""]
     if "paper" in profiles and results.get("paper_max_steps") is None:
         md += ["The `paper` profile ran uncapped, up to its own bound of 1000 epochs.", ""]
     elif "paper" in profiles:
@@ -55,7 +55,7 @@ def results_markdown(results: dict, rows: list[dict]) -> str:
         ["TPR @ 5% FPR", *[results.get(f"tpr_at_5fpr_{p}") for p in profiles]],
         ["ROC-AUC, τ-aware", *[results.get(f"auc_tau_{p}") for p in profiles]],
         ["TPR @ 5% FPR, τ-aware", *[results.get(f"tpr_at_5fpr_tau_{p}") for p in profiles]],
-        [f"accuracy @ PL1<{results['threshold']}", *[results.get(f"accuracy_{p}") for p in profiles]],
+        [f"accuracy @ PL1<{_thresholds(results)}", *[results.get(f"accuracy_{p}") for p in profiles]],
         ["seconds / encoder (mean)", *[results.get(f"seconds_per_encoder_{p}") for p in profiles]],
         ["seconds / encoder (median)", *[results.get(f"median_seconds_per_encoder_{p}") for p in profiles]],
         ["mean steps", *[_f(results["profiles"][p]["mean_steps"], 0) for p in profiles]],
@@ -170,3 +170,11 @@ def profile_inversion(entry: dict, shadow, cfg: InversionConfig, path: Path, ste
             "seconds_per_step": res.seconds / max(res.steps, 1), "file": path.name,
             "top": [{"op": a.key, "self_cpu_ms": a.self_cpu_time_total / 1e3, "calls": a.count,
                      "self_cpu_pct": 100.0 * a.self_cpu_time_total / total} for a in top]}
+
+
+def _thresholds(results: dict) -> str:
+    """One number when all profiles share the threshold, else 'fast 0.02 / paper 0.1'."""
+    per = results.get("thresholds") or {}
+    if results.get("threshold") is not None or not per:
+        return str(results.get("threshold"))
+    return " / ".join(f"{p} {t:g}" for p, t in per.items())

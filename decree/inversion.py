@@ -25,21 +25,22 @@ _EPS = 1e-6  # tanh(·)/(2-ε)+0.5 keeps values strictly inside (0,1), as the or
 @dataclass(frozen=True)
 class InversionConfig:
     profile: str = "fast"
-    lr: float = 0.1
+    lr: float = 0.2
     betas: tuple[float, float] = (0.5, 0.9)
-    batch_size: int = 32
-    tau: float = 0.99
-    lambda_init: float = 1e-2
+    batch_size: int = 16  # per restart: restarts × batch_size images per forward
+    tau: float = 0.95
+    threshold: float = 0.015  # PL1 below which a trigger that reached τ means "trojaned" (calibrated per profile)
+    lambda_init: float = 5e-2
     lambda_factor: float = 2.0
     lambda_min: float = 1e-5
     lambda_max: float = 1e5
     patience: int = 5
-    early_stop_patience: int = 40  # steps without a smaller successful mask (checked per epoch in `paper`)
+    early_stop_patience: int = 20  # steps without a smaller successful mask (checked per epoch in `paper`)
     min_improvement: float = 0.02  # a new best mask must be this much (relative) smaller to reset early stop
     lr_drops: tuple[tuple[int, float], ...] = ()  # (epoch, lr) step-downs
     max_epochs: int = 1000
-    max_steps: int | None = 200
-    min_steps: int = 60
+    max_steps: int | None = 80
+    min_steps: int = 50
     restarts: int = 2
     mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
     mask_init_value: float = 0.05
@@ -68,6 +69,7 @@ PAPER = InversionConfig(
     betas=(0.5, 0.9),
     batch_size=128,
     tau=0.99,
+    threshold=0.1,
     lambda_init=1e-3,
     lambda_factor=5.0,
     lambda_min=1e-5,
@@ -106,6 +108,7 @@ class InversionResult:
     pattern: torch.Tensor = field(repr=False)  # (3, H, W) in [0,1], CPU
     profile: str = "fast"
     tau: float = 0.99
+    threshold: float = 0.1  # the profile's calibrated verdict threshold
     restart: int = 0
     history: dict = field(default_factory=dict, repr=False)
 
@@ -279,6 +282,7 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
         pattern=pat_k.float().cpu(),
         profile=cfg.profile,
         tau=cfg.tau,
+        threshold=cfg.threshold,
         restart=k,
         history={"similarity": hist_sim, "pl1": hist_l1},
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .inversion import InversionResult
+from .inversion import FAST, InversionResult
 
 # A trojaned encoder's inverted trigger covers a small fraction of the image; the paper decides with a
-# threshold on that fraction. 0.1 is the common choice among re-implementations; calibrate it on clean
-# encoders of your fleet (`decree report --fpr`) rather than trusting one constant.
-DEFAULT_THRESHOLD = 0.1
+# threshold on that fraction. Each profile carries its own (its τ changes how large a clean encoder's mask
+# gets): `fast` (τ 0.95) 0.015, `paper` (τ 0.99) 0.1, the common choice among re-implementations.
+# Calibrate it on clean encoders of your fleet (`decree report --fpr`) rather than trusting one constant.
+DEFAULT_THRESHOLD = FAST.threshold
 
 Verdict = Literal["trojaned", "clean"]
 
@@ -23,7 +24,7 @@ class Score:
 
 
 def score(result: InversionResult, threshold: float | None = None) -> Score:
-    """Trojaned when a mask below `threshold` of the image area made the shadow set embed alike."""
-    t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    """Trojaned when a mask below `threshold` (default: the profile's) of the image area made the shadow set embed alike."""
+    t = result.threshold if threshold is None else float(threshold)
     trojaned = result.reached_tau and result.pl1_norm < t
     return Score(pl1_norm=result.pl1_norm, verdict="trojaned" if trojaned else "clean", threshold=t)

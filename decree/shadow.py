@@ -104,13 +104,7 @@ def load_shadow(source, image_size: int, *, device=None, limit: int | None = Non
 
     `limit` keeps a seeded random subset so large shadow sets cost a bounded amount of memory.
     """
-    images = read_images(source)
-    if images.shape[0] < 2:
-        raise ShadowError(f"shadow set needs at least 2 images for a pairwise similarity, got {images.shape[0]}")
-    if limit is not None and images.shape[0] > limit:
-        idx = np.random.default_rng(seed).choice(images.shape[0], size=limit, replace=False)
-        images = images[np.sort(idx)]
-    return to_pixels(images, int(image_size), device)
+    return ShadowSet(source, limit=limit, seed=seed).pixels(image_size, device)
 
 
 class ShadowSet:

@@ -142,3 +142,9 @@ def test_unsafe_globals_are_reported_as_data_without_loading(tmp_path):
     clean = tmp_path / "clean.pt"
     torch.save({"w": torch.zeros(2)}, clean)
     assert scan_unsafe_globals(clean) == []
+
+
+def test_a_backbone_state_dict_saves_as_is_despite_channels_last(tmp_path, reference):
+    path = tmp_path / "direct.safetensors"
+    save_file(reference.backbone.state_dict(), str(path))  # no .contiguous() needed by callers
+    assert _same_weights(create_encoder(ARCH, path), reference)

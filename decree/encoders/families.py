@@ -49,6 +49,21 @@ def build_timm(name: str) -> tuple[nn.Module, Preprocess]:
     return model, Preprocess(size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
 
 
+def _create_open_clip(name: str):
+    """open_clip warns "initialized randomly" on every weightless build; here weights always follow (strictly)."""
+    import logging
+
+    import open_clip
+
+    _ensure_open_clip_configs()
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(previous)
+
+
 def _ensure_open_clip_configs() -> None:
     import open_clip
 
@@ -63,8 +78,7 @@ def build_open_clip(name: str) -> tuple[nn.Module, Preprocess]:
     _ensure_open_clip_configs()
     if name not in open_clip.list_models():
         raise ArchitectureError(f"unknown open_clip model config {name!r}")
-    model = open_clip.create_model(name, pretrained=None)
-    visual = model.visual
+    visual = _create_open_clip(name).visual
     cfg = getattr(visual, "preprocess_cfg", None) or {}
     size = visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -75,10 +89,7 @@ def build_open_clip(name: str) -> tuple[nn.Module, Preprocess]:
 
 def open_clip_model(name: str) -> nn.Module:
     """The whole CLIP model (both towers) for a config, for training the zoo."""
-    import open_clip
-
-    _ensure_open_clip_configs()
-    return open_clip.create_model(name, pretrained=None)
+    return _create_open_clip(name)
 
 
 @register_pretrained("timm/tf_efficientnet_lite0")
