@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 TINY_ARCH = "timm/test_resnet"  # 0.37M parameters: a real timm ResNet that scans in about a second on CPU
 TINY_SIZE = 32
 # Very short inversions: the scale layer is under test here, not DECREE's accuracy.
 FAST_OVERRIDES = (("restarts", 1), ("batch_size", 8), ("eval_images", 8))
+
+
+# CI explores the same examples on every run: a property test that fails there fails reproducibly.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def _free_port() -> int:

@@ -6,7 +6,6 @@ written outside the output and cache folders. Runs the job's worker path (source
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from faults import harness
-from faults.recorder import ModuleRecorder
+from faults.fixtures import gap, rec, record  # noqa: F401 - fixtures
 from faults.zoo import TINY_ARCH, TINY_SIZE, make_zoo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,23 +25,6 @@ from decree.errors import ShadowError
 from decree.shadow import ShadowSet, load_shadow
 from decree_ray.storage import S3Options
 from decree_ray.worker import ScanWorker
-
-
-@pytest.fixture(scope="module", autouse=True)  # first in, last out: times the whole module
-def rec():
-    r = ModuleRecorder("test_abuse_inputs")
-    yield r
-    r.close()
-
-
-@pytest.fixture()
-def record(rec, request):
-    return functools.partial(rec, test=request.node.originalname)
-
-
-@pytest.fixture()
-def gap(rec, request):
-    return functools.partial(rec.gap, test=request.node.originalname)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Node removal from a multi-node cluster is tests/test_cluster.py.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from conftest import FAST_OVERRIDES, upload_folder
 from faults import harness
 from faults.proxy import FaultProxy
 from faults.ray_faults import Killer, kill_all, track_actors
-from faults.recorder import ModuleRecorder
+from faults.fixtures import gap, rec, record  # noqa: F401 - fixtures
 from faults.zoo import TINY_ARCH, TINY_SIZE, make_zoo, write_encoder
 
 from decree_ray import job as job_mod
@@ -36,23 +35,6 @@ from decree_ray.worker import ScanWorker
 
 pytestmark = [pytest.mark.ray]
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module", autouse=True)  # first in, last out: times the whole module
-def rec():
-    r = ModuleRecorder("test_faults")
-    yield r
-    r.close()
-
-
-@pytest.fixture()
-def record(rec, request):
-    return functools.partial(rec, test=request.node.originalname)
-
-
-@pytest.fixture()
-def gap(rec, request):
-    return functools.partial(rec.gap, test=request.node.originalname)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ The Ray-level run over the same files is in test_faults.py (it shares that modul
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from faults import harness
 from faults.hostile import build_broken, build_hostile
-from faults.recorder import ModuleRecorder
+from faults.fixtures import gap, rec, record  # noqa: F401 - fixtures
 from faults.zoo import TINY_ARCH, TINY_SIZE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,23 +48,6 @@ class _NoSpawn:
 
     def __exit__(self, *exc):
         _armed[0] = False
-
-
-@pytest.fixture(scope="module", autouse=True)  # first in, last out: times the whole module
-def rec():
-    r = ModuleRecorder("test_hostile_checkpoints")
-    yield r
-    r.close()
-
-
-@pytest.fixture()
-def record(rec, request):
-    return functools.partial(rec, test=request.node.originalname)
-
-
-@pytest.fixture()
-def gap(rec, request):
-    return functools.partial(rec.gap, test=request.node.originalname)
 
 
 @pytest.fixture(scope="module")
