@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
+from faults.zoo import TINY_ARCH, TINY_SIZE, make_zoo, write_encoder  # noqa: F401 - re-exported to tests
 from hypothesis import settings
 
-TINY_ARCH = "timm/test_resnet"  # 0.37M parameters: a real timm ResNet that scans in about a second on CPU
-TINY_SIZE = 32
 # Very short inversions: the scale layer is under test here, not DECREE's accuracy.
 FAST_OVERRIDES = (("restarts", 1), ("batch_size", 8), ("eval_images", 8))
 
@@ -58,20 +55,6 @@ def s3(moto_server):
     return client, bucket, moto_server
 
 
-def write_encoder(path: Path, seed: int) -> Path:
-    """A real (random-init) checkpoint of TINY_ARCH, as a safetensors state dict."""
-    import torch
-    from safetensors.torch import save_file
-
-    from decree.encoders import create_encoder
-
-    torch.manual_seed(seed)
-    enc = create_encoder(TINY_ARCH, image_size=TINY_SIZE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in enc.backbone.state_dict().items()}, str(path))  # may be channels-last
-    return path
-
-
 def write_unsafe_pickle(path: Path) -> Path:
     """A .pt whose unpickling would call os.system: must be refused, never run."""
     import pickle
@@ -89,28 +72,7 @@ def write_unsafe_pickle(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """A small local folder: 3 distinct tiny encoders, one byte-identical copy, a shadow set, a manifest."""
-    root = tmp_path_factory.mktemp("zoo")
-    for i in range(3):
-        write_encoder(root / "encoders" / f"enc{i}.safetensors", seed=i)
-    (root / "encoders" / "copy-of-enc0.safetensors").write_bytes((root / "encoders" / "enc0.safetensors").read_bytes())
-    rng = np.random.default_rng(0)
-    np.savez(root / "shadow.npz", x=rng.integers(0, 256, (16, TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))
-    labels = {"enc0": "trojaned", "enc1": "clean", "enc2": "clean", "copy-of-enc0": "trojaned"}
-    with open(root / "manifest.jsonl", "w") as fh:
-        for name, label in labels.items():
-            fh.write(
-                json.dumps(
-                    {
-                        "id": name,
-                        "uri": f"encoders/{name}.safetensors",
-                        "arch": TINY_ARCH,
-                        "image_size": TINY_SIZE,
-                        "label": label,
-                    }
-                )
-                + "\n"
-            )
-    return root
+    return make_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 def upload_folder(client, bucket: str, folder: Path, prefix: str) -> str:

@@ -1,4 +1,4 @@
-"""A tiny zoo for the fault suite, independent of conftest's (same layout): real random-init encoders."""
+"""The tests' tiny zoo (conftest's `zoo` fixture and the fault suite): real random-init encoders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-TINY_ARCH = "timm/test_resnet"
+TINY_ARCH = "timm/test_resnet"  # 0.37M parameters: a real timm ResNet that scans in about a second on CPU
 TINY_SIZE = 32
 
 
