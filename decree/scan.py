@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,7 @@ def scan_encoder(
     encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std)
     pixels = _shadow_pixels(shadow, encoder.preprocess.image_size, dev)
     result = invert(encoder, pixels, cfg, device=dev)
-    if not (torch.isfinite(torch.tensor(result.l1_norm)) and torch.isfinite(result.mask).all()):
+    if not (math.isfinite(result.l1_norm) and torch.isfinite(result.mask).all()):
         raise InversionError("inversion produced a non-finite mask")
     s = score(result, threshold)
     eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
