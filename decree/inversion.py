@@ -4,7 +4,10 @@ The mask m (H×W, shared over channels) and pattern p (3×H×W) live behind tanh
 (1-m)·x + m·p are normalized with the encoder's own preprocessing. The loss is the negative mean
 pairwise cosine similarity of the stamped embeddings (diagonal excluded) plus λ·‖m‖₁, λ adapted
 as in Neural Cleanse. R restarts share one forward pass: Adam is element-wise, so summing the
-restarts' losses optimizes them independently.
+restarts' losses optimizes them independently. `fast` keeps only the leading restart after `prune_at` steps
+(the others have had their chance to escape a bad start) and stops once its best mask is below
+`settle_fraction` × threshold: the best mask only shrinks, so "trojaned" can no longer change, and the PL1 it
+reports is then an upper bound.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -42,6 +47,8 @@ class InversionConfig:
     max_steps: int | None = 80
     min_steps: int = 50
     restarts: int = 2
+    prune_at: int | None = 20  # after this many steps keep only the leading restart (0/None: never)
+    settle_fraction: float | None = 0.5  # stop once best PL1 < this × threshold (0/None: never); PL1 is then an upper bound
     mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
     mask_init_value: float = 0.05
     l1_channels: int = 1  # the paper sums the mask over 3 channels: λ then weighs 3× the area
@@ -56,6 +63,12 @@ class InversionConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in overrides.items():
+            if name not in hints or name == "profile":
+                raise ValueError(f"unknown inversion setting {name!r}")
+            if not _fits(value, hints[name]):
+                raise ValueError(f"inversion setting {name}={value!r} is not a {hints[name]}")
         return replace(PROFILES[profile], **overrides)
 
     def to_dict(self) -> dict:
@@ -82,6 +95,8 @@ PAPER = InversionConfig(
     max_steps=None,
     min_steps=0,
     restarts=1,
+    prune_at=None,
+    settle_fraction=None,
     mask_init="random",
     l1_channels=3,
     l1_per_area=False,
@@ -111,6 +126,26 @@ class InversionResult:
     threshold: float = 0.1  # the profile's calibrated verdict threshold
     restart: int = 0
     history: dict = field(default_factory=dict, repr=False)
+
+
+def _fits(value, hint) -> bool:
+    """Does an override match its field's type (int, float, bool, str, tuples of them, Optional)?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def _squash(t: torch.Tensor) -> torch.Tensor:
@@ -158,6 +193,9 @@ class _Lambda:
         self.value = torch.full((r,), cfg.lambda_init, device=device)
         self.up = torch.zeros(r, dtype=torch.long, device=device)
         self.down = torch.zeros(r, dtype=torch.long, device=device)
+
+    def keep(self, k: int) -> None:
+        self.value, self.up, self.down = self.value[k : k + 1], self.up[k : k + 1], self.down[k : k + 1]
 
     def update(self, success: torch.Tensor) -> None:
         c = self.cfg
@@ -250,14 +288,20 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
                 epoch_sim += sims_d
             hist_sim.append(float(sims_d.max()))
             hist_l1.append(float(l1_d.min()) / area)
-            if not cfg.early_stop_per_epoch and _should_stop(cfg, step, last_improve, best_l1):
+            if r > 1 and step == cfg.prune_at:  # the other restarts have had their chance: stop paying for them
+                k = _leader(best_l1, sims_d)
+                (mask_p, pat_p), opt = _keep_restart(opt, (mask_p, pat_p), k)
+                lam.keep(k)
+                best_l1, best_mask, best_pat = best_l1[k : k + 1], best_mask[k : k + 1], best_pat[k : k + 1]
+                sims, epoch_sim, r = sims[k : k + 1], epoch_sim[k : k + 1], 1
+            if not cfg.early_stop_per_epoch and _should_stop(cfg, step, last_improve, best_l1, area):
                 break
         epoch += 1
         if done and cfg.early_stop_per_epoch:
             mean_sim = epoch_sim / done
             if bool((mean_sim > cfg.tau).any()) and step - last_improve > cfg.early_stop_patience:
                 break
-        elif _should_stop(cfg, step, last_improve, best_l1):
+        elif _should_stop(cfg, step, last_improve, best_l1, area):
             break
 
     with torch.no_grad():
@@ -288,8 +332,32 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
     )
 
 
-def _should_stop(cfg: InversionConfig, step: int, last_improve: int, best_l1: torch.Tensor) -> bool:
-    return step >= cfg.min_steps and bool(torch.isfinite(best_l1).any()) and step - last_improve > cfg.early_stop_patience
+def _should_stop(cfg: InversionConfig, step: int, last_improve: int, best_l1: torch.Tensor, area: float) -> bool:
+    best = float(best_l1.min())
+    if not math.isfinite(best):
+        return False
+    if cfg.settle_fraction is not None and best / area < cfg.settle_fraction * cfg.threshold:
+        return True  # the best mask only shrinks: "trojaned" at cfg.threshold can no longer change
+    return step >= cfg.min_steps and step - last_improve > cfg.early_stop_patience
+
+
+def _leader(best_l1: torch.Tensor, sims: torch.Tensor) -> int:
+    """The restart to keep: the smallest successful mask, or the most similar if none succeeded yet."""
+    if bool(torch.isfinite(best_l1).any()):
+        return int(torch.argmin(best_l1))
+    return int(torch.argmax(sims))
+
+
+def _keep_restart(opt: torch.optim.Adam, params, k: int):
+    """Slice restart k out of the parameters and Adam's moments: its trajectory continues unchanged."""
+    kept = [p.detach()[k : k + 1].clone().requires_grad_(True) for p in params]
+    group = opt.param_groups[0]
+    new = torch.optim.Adam(kept, lr=group["lr"], betas=group["betas"])
+    for old, p in zip(params, kept):
+        state = opt.state.get(old, {})
+        new.state[p] = {n: (v[k : k + 1] if torch.is_tensor(v) and v.dim() else v).clone() if torch.is_tensor(v) else v
+                        for n, v in state.items()}
+    return kept, new
 
 
 def _evaluate(encoder, shadow, mask, pattern, cfg, device) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,8 @@ def scan_encoder(
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
     cfg = config or InversionConfig.from_profile("fast")
+    if threshold is not None:  # the inversion's settle rule must stop against the threshold the verdict uses
+        cfg = replace(cfg, threshold=float(threshold))
     encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std)
     pixels = _shadow_pixels(shadow, encoder.preprocess.image_size, dev)
     result = invert(encoder, pixels, cfg, device=dev)

@@ -1,10 +1,14 @@
 """Overhead of the scale layer: `python -m decree_ray.bench_scale --out bench [--n 1000] [--keys 100000]`.
 
-1. Throughput: N distinct tiny encoders (timm/test_efficientnet, 32 px) on moto's S3 server, scanned with a
-   near-instant inversion (--steps 1) by the Ray job, against the same encoders in a plain single-process loop
-   of `scan_encoder` (download, scan, delete). The gap is what Ray, S3 and Parquet cost per encoder.
+1. Throughput: N distinct tiny encoders (timm/test_efficientnet, 32 px) on moto's S3 server (its own process,
+   as a remote store would be), scanned with a near-instant inversion (--steps 1) so the layer dominates:
+   - a plain loop of the core in a fresh process, one thread: download, `scan_encoder`, delete;
+   - the Ray job on an already running local Ray (a cluster is up before a job starts), one actor with one
+     CPU (the loop's share), with and without prefetch, and with one actor per CPU.
+   Overhead = the Ray job's seconds / the plain loop's seconds - 1, both end to end (process or actor
+   start-up, imports, listing, Parquet and compaction included), and per encoder once running.
 2. Listing: `iter_tasks` over --keys objects under one prefix, in a child process that measures its own
-   peak Python allocation (tracemalloc) and peak RSS; a second child builds the whole list for contrast.
+   peak Python allocation (tracemalloc) and RSS; a second child builds the whole list for contrast.
 
 Writes OUT/scale.json and OUT/SCALE.md.
 """
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import platform
 import socket
@@ -26,6 +29,8 @@ from pathlib import Path
 
 ARCH, SIZE = "timm/test_efficientnet", 32
 OVERRIDES = (("restarts", 1), ("batch_size", 8), ("eval_images", 8))
+BUCKET, LIST_BUCKET = "bench-scale", "bench-list"
+_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def _free_port() -> int:
@@ -34,7 +39,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _upload_encoders(client, bucket: str, n: int) -> str:
+def _serve(port: int, keys: int) -> None:
+    """Child process: moto's S3 server with LIST_BUCKET pre-filled in-process (100k HTTP PUTs would bench moto)."""
+    import logging
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend.create_bucket(LIST_BUCKET, "us-east-1")
+    for i in range(keys):
+        backend.put_object(LIST_BUCKET, f"many/{i // 1000:04d}/{i:07d}.safetensors", b"")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop()
+
+
+def _start_server(keys: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "decree_ray.bench_scale", "--_serve", str(port), str(keys)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _upload_encoders(client, n: int) -> str:
     import numpy as np
     import torch
     from safetensors.torch import save
@@ -49,18 +84,20 @@ def _upload_encoders(client, bucket: str, n: int) -> str:
         sd = dict(base)
         sd[key] = base[key].clone()
         sd[key].view(-1)[0] += 1e-3 * (i + 1)  # distinct bytes: nothing is deduplicated
-        client.put_object(Bucket=bucket, Key=f"zoo/encoders/e{i:06d}.safetensors", Body=save(sd))
+        client.put_object(Bucket=BUCKET, Key=f"zoo/encoders/e{i:06d}.safetensors", Body=save(sd))
         lines.append(
             json.dumps({"id": f"e{i:06d}", "uri": f"encoders/e{i:06d}.safetensors", "arch": ARCH, "image_size": SIZE})
         )
-    client.put_object(Bucket=bucket, Key="zoo/manifest.jsonl", Body=("\n".join(lines) + "\n").encode())
+    client.put_object(Bucket=BUCKET, Key="zoo/manifest.jsonl", Body=("\n".join(lines) + "\n").encode())
     buf = io.BytesIO()
     np.savez(buf, x=np.random.default_rng(0).integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8))
-    client.put_object(Bucket=bucket, Key="zoo/shadow.npz", Body=buf.getvalue())
-    return f"s3://{bucket}/zoo"
+    client.put_object(Bucket=BUCKET, Key="zoo/shadow.npz", Body=buf.getvalue())
+    return f"s3://{BUCKET}/zoo"
 
 
-def _plain_loop(client, bucket: str, n: int, shadow_uri: str, steps: int, options) -> dict:
+def _loop_child(endpoint: str, n: int, steps: int) -> None:
+    """Child process: the plain loop, timed from before its imports to the last encoder."""
+    t0 = time.perf_counter()
     import torch
 
     from decree.inversion import InversionConfig
@@ -70,74 +107,73 @@ def _plain_loop(client, bucket: str, n: int, shadow_uri: str, steps: int, option
     from . import storage
 
     torch.set_num_threads(1)  # one actor's share
+    options = storage.S3Options(endpoint)
+    client = storage.s3_client(options)
     config = InversionConfig.from_profile("fast", max_steps=steps, min_steps=min(steps, 100), **dict(OVERRIDES))
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        shadow_path, _ = storage.fetch(shadow_uri, tmp, options)
+        shadow_path, _ = storage.fetch(f"s3://{BUCKET}/zoo/shadow.npz", tmp, options)
         shadow = ShadowSet(shadow_path)
+        t1 = time.perf_counter()
         for i in range(n):
             path = Path(tmp) / "ckpt.safetensors"
-            client.download_file(bucket, f"zoo/encoders/e{i:06d}.safetensors", str(path))
+            client.download_file(BUCKET, f"zoo/encoders/e{i:06d}.safetensors", str(path))
             scan_encoder(path, ARCH, shadow, config=config, image_size=SIZE, device="cpu")
             path.unlink()
-    seconds = time.perf_counter() - t0
-    return {"encoders": n, "seconds": seconds, "encoders_per_minute": 60 * n / seconds, "processes": 1}
+    t2 = time.perf_counter()
+    print(json.dumps({"seconds": t2 - t0, "startup_seconds": t1 - t0, "loop_seconds": t2 - t1}))
 
 
-def _ray_job(src: str, endpoint: str, n: int, steps: int, workers: int) -> dict:
-    import ray
+def _plain_loop(endpoint: str, n: int, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "decree_ray.bench_scale", "--_loop-child", endpoint, str(n), str(steps)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+    wall = time.perf_counter() - t0  # + the interpreter's own start-up
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "name": "plain loop (1 process, 1 thread)",
+        "encoders": n,
+        "seconds": wall,
+        "startup_seconds": wall - m["loop_seconds"],
+        "per_encoder_ms": 1000 * m["loop_seconds"] / n,
+        "encoders_per_minute": 60 * n / wall,
+    }
 
+
+def _ray_job(src: str, endpoint: str, n: int, steps: int, workers: int, prefetch: int) -> dict:
     from . import results
     from .job import JobConfig, run_job
 
-    t0 = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    ray_start = time.perf_counter() - t0
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            config = JobConfig(
-                source=f"{src}/manifest.jsonl",
-                shadow=f"{src}/shadow.npz",
-                out=out,
-                endpoint_url=endpoint,
-                steps=steps,
-                overrides=OVERRIDES,
-                num_workers=workers,
-                evidence=False,
-                flush_every=64,
-                timeout=600,
-            )
-            summary = run_job(config)
-            rows = results.load_rows(out)
-    finally:
-        ray.shutdown()
-    core = sum(r["seconds"] or 0.0 for r in rows)
+    with tempfile.TemporaryDirectory() as out:
+        config = JobConfig(
+            source=f"{src}/manifest.jsonl",
+            shadow=f"{src}/shadow.npz",
+            out=out,
+            endpoint_url=endpoint,
+            steps=steps,
+            overrides=OVERRIDES,
+            num_workers=workers,
+            prefetch=prefetch,
+            evidence=False,  # the loop writes none either: evidence PNGs are core output, not layer cost
+            timeout=600,
+        )
+        summary = run_job(config)
+        rows = results.load_rows(out)
     stamps = sorted(r["scanned_at"] for r in rows)
     span = (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else 0.0
+    per_encoder = 1000 * span * workers / (len(stamps) - 1) if len(stamps) > 1 else None
     return {
+        "name": f"Ray job, {workers} actor{'s' if workers > 1 else ''}, prefetch {prefetch}",
         "encoders": n,
         "workers": workers,
-        "ray_start_seconds": ray_start,
+        "prefetch": prefetch,
         "seconds": summary.seconds,
+        "startup_seconds": summary.seconds - span,  # actor start-up + listing head + compaction tail
+        "per_encoder_ms": per_encoder,  # actor-milliseconds per encoder, first row to last
         "encoders_per_minute": 60 * n / summary.seconds,
         "ok": summary.ok,
         "errors": summary.errors,
         "rows": len(rows),
-        "core_seconds_sum": core,
-        "overhead_seconds_per_encoder": (summary.seconds * workers - core) / n,
-        # first row to last row: throughput once the actors are up (start-up excluded)
-        "steady_encoders_per_minute": 60 * (len(stamps) - 1) / span if span > 0 else None,
     }
-
-
-def _fill_keys(bucket: str, keys: int) -> None:
-    """Put keys straight into the in-process moto backend: 100k HTTP PUTs would bench moto, not us."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-
-    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
-    for i in range(keys):
-        backend.put_object(bucket, f"many/{i // 1000:04d}/{i:07d}.safetensors", b"")
 
 
 def _rss_mib() -> float:
@@ -160,62 +196,111 @@ def _list_child(uri: str, endpoint: str, materialize: bool) -> None:
     count = len(list(tasks)) if materialize else sum(1 for _ in tasks)
     seconds = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
-    print(
-        json.dumps(
-            {
-                "keys": count,
-                "seconds": seconds,
-                "keys_per_second": count / seconds,
-                "peak_traced_mib": peak / 2**20,
-                "rss_before_mib": rss0,
-                "rss_growth_mib": _rss_mib() - rss0,
-            }
-        )
-    )
+    out = {"keys": count, "seconds": seconds, "keys_per_second": count / seconds, "peak_traced_mib": peak / 2**20}
+    print(json.dumps({**out, "rss_before_mib": rss0, "rss_growth_mib": _rss_mib() - rss0}))
 
 
-def _listing(bucket: str, endpoint: str) -> dict:
+def _listing(endpoint: str) -> dict:
     out = {}
     for mode in ("stream", "materialize"):
-        cmd = [sys.executable, "-m", "decree_ray.bench_scale", "--_list-child", f"s3://{bucket}/many/", endpoint]
+        cmd = [sys.executable, "-m", "decree_ray.bench_scale", "--_list-child", f"s3://{LIST_BUCKET}/many/", endpoint]
         cmd += ["--_materialize"] if mode == "materialize" else []
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
+def run(n: int, keys: int, steps: int = 1, workers: int = 2) -> dict:
+    import ray
+
+    from .storage import S3Options, s3_client
+
+    os.environ.update(_ENV)  # this process, its Ray workers and children only
+    server, endpoint = _start_server(keys)
+    try:
+        client = s3_client(S3Options(endpoint))
+        client.create_bucket(Bucket=BUCKET)
+        print(f"[bench] uploading {n} encoders ...", flush=True)
+        src = _upload_encoders(client, n)
+        runs = []
+        print("[bench] plain loop ...", flush=True)
+        plain = _plain_loop(endpoint, n, steps)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - t0
+        try:
+            for w, prefetch in ((1, 1), (1, 0), (workers, 1)):
+                print(f"[bench] Ray job, {w} actor(s), prefetch {prefetch} ...", flush=True)
+                runs.append(_ray_job(src, endpoint, n, steps, w, prefetch))
+        finally:
+            ray.shutdown()
+        for r in runs:
+            r["overhead_vs_plain"] = r["seconds"] * r["workers"] / plain["seconds"] - 1
+            if r["per_encoder_ms"] is not None:
+                r["per_encoder_overhead_vs_plain"] = r["per_encoder_ms"] / plain["per_encoder_ms"] - 1
+        listing = None
+        if keys:
+            print(f"[bench] listing {keys} keys ...", flush=True)
+            listing = _listing(endpoint)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "steps": steps,
+        "ray_init_seconds": ray_start,
+        "plain_loop": plain,
+        "ray": runs,
+        "listing": listing,
+    }
+
+
 def _md_row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _markdown(result: dict) -> str:
-    ray_, plain, lst = result["ray"], result["plain_loop"], result.get("listing")
-    steady = ray_["steady_encoders_per_minute"] or 0.0
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def markdown(result: dict) -> str:
+    plain, runs, lst = result["plain_loop"], result["ray"], result.get("listing")
     lines = [
         "# Scale-layer overhead",
         "",
-        f"Machine: {result['machine']}. Encoders: {ray_['encoders']} distinct `{ARCH}` checkpoints ({SIZE} px) "
-        f"on moto's S3 server (loopback HTTP); inversion `--steps {result['steps']}` (near-instant on purpose).",
+        f"Machine: {result['machine']}. {plain['encoders']:,} distinct `{ARCH}` checkpoints ({SIZE} px) on moto's "
+        f"S3 server (its own process, loopback HTTP); inversion `--steps {result['steps']}` (near-instant on purpose, "
+        "so the layer dominates). Generated by `python -m decree_ray.bench_scale`.",
         "",
-        _md_row("run", "encoders/min", "seconds", "notes"),
-        "|---|---|---|---|",
+        "Overhead = seconds × actors / the plain loop's seconds − 1 (end to end: process or actor start-up, imports, "
+        "listing, Parquet parts and compaction included); per encoder = actor-ms per encoder once running (first row "
+        f"to last) against the loop's ms per encoder. Ray itself was started before the jobs ({result['ray_init_seconds']:.1f}s,"
+        " not counted: a cluster is up before a job is submitted).",
+        "",
+        _md_row("run", "encoders/min", "seconds", "start-up + tail s", "ms / encoder", "overhead", "per encoder"),
+        "|---|---|---|---|---|---|---|",
         _md_row(
-            "plain loop of `scan_encoder` (1 process, 1 thread)",
-            f"{plain['encoders_per_minute']:.1f}",
+            plain["name"],
+            f"{plain['encoders_per_minute']:.0f}",
             f"{plain['seconds']:.1f}",
-            "download, scan, delete",
+            f"{plain['startup_seconds']:.1f}",
+            f"{plain['per_encoder_ms']:.1f}",
+            "-",
+            "-",
         ),
-        _md_row(
-            f"Ray job, {ray_['workers']} actors",
-            f"{ray_['encoders_per_minute']:.1f}",
-            f"{ray_['seconds']:.1f}",
-            f"+{ray_['ray_start_seconds']:.1f}s Ray start; {ray_['ok']} ok / {ray_['errors']} errors",
-        ),
-        _md_row("Ray job, steady state (first to last row)", f"{steady:.1f}", "-", "actor start-up excluded"),
-        "",
-        f"Overhead per encoder (actor-seconds not spent in `scan_encoder`): "
-        f"{ray_['overhead_seconds_per_encoder']:.3f}s (actor start-up, S3 download, sha256, Parquet parts).",
     ]
+    for r in runs:
+        lines.append(
+            _md_row(
+                f"{r['name']} ({r['ok']} ok / {r['errors']} errors)",
+                f"{r['encoders_per_minute']:.0f}",
+                f"{r['seconds']:.1f}",
+                f"{r['startup_seconds']:.1f}",
+                "-" if r["per_encoder_ms"] is None else f"{r['per_encoder_ms']:.1f}",
+                _pct(r["overhead_vs_plain"]),
+                _pct(r.get("per_encoder_overhead_vs_plain")),
+            )
+        )
     if lst:
         lines += [
             "",
@@ -237,10 +322,7 @@ def _markdown(result: dict) -> str:
                     f"{m['rss_growth_mib']:.0f}",
                 )
             )
-        lines += [
-            "",
-            "Listing time is dominated by moto's server (it sorts the whole bucket per page); real S3 is faster.",
-        ]
+        lines += ["", "Listing time is moto's (it sorts the whole bucket for every page); real S3 is faster."]
     return "\n".join(lines) + "\n"
 
 
@@ -250,58 +332,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="encoders to scan")
     parser.add_argument("--keys", type=int, default=100_000, help="keys to list (0: skip the listing benchmark)")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="actors of the last Ray run (one per CPU)")
+    parser.add_argument("--_serve", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_loop-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--_list-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_materialize", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._serve:
+        _serve(*args._serve)
+        return 0
+    if args._loop_child:
+        endpoint, n, steps = args._loop_child
+        _loop_child(endpoint, int(n), int(steps))
+        return 0
     if args._list_child:
         _list_child(*args._list_child, materialize=args._materialize)
         return 0
-
-    from moto.server import ThreadedMotoServer
-
-    from .storage import S3Options, s3_client
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    endpoint = "http://%s:%d" % server.get_host_and_port()
-    for k, v in (
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ[k] = v  # this process and its Ray workers / children only
-    try:
-        options = S3Options(endpoint)
-        client = s3_client(options)
-        client.create_bucket(Bucket="bench-scale")
-        print(f"[bench] uploading {args.n} encoders ...", flush=True)
-        src = _upload_encoders(client, "bench-scale", args.n)
-        print("[bench] plain loop ...", flush=True)
-        plain = _plain_loop(client, "bench-scale", args.n, f"{src}/shadow.npz", args.steps, options)
-        print(f"[bench] plain loop: {plain['encoders_per_minute']:.1f} encoders/min; Ray job ...", flush=True)
-        ray_ = _ray_job(src, endpoint, args.n, args.steps, args.workers)
-        print(f"[bench] Ray job: {ray_['encoders_per_minute']:.1f} encoders/min", flush=True)
-        listing = None
-        if args.keys:
-            client.create_bucket(Bucket="bench-list")
-            _fill_keys("bench-list", args.keys)
-            print(f"[bench] listing {args.keys} keys ...", flush=True)
-            listing = _listing("bench-list", endpoint)
-    finally:
-        server.stop()
-    result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "steps": args.steps,
-        "plain_loop": plain,
-        "ray": ray_,
-        "listing": listing,
-    }
+    result = run(args.n, args.keys, args.steps, args.workers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(result, indent=2))
-    (args.out / "SCALE.md").write_text(_markdown(result))
-    print(_markdown(result))
+    (args.out / "SCALE.md").write_text(markdown(result))
+    print(markdown(result))
     return 0
 
 

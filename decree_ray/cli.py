@@ -64,6 +64,22 @@ MaxSize = Annotated[
         help="Refuse bigger checkpoints before downloading them (error row). Bytes, or e.g. 500MB, 2GiB.",
     ),
 ]
+Sets = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="Inversion setting over the profile, KEY=VALUE (repeatable; JSON values), e.g. --set max_steps=200 "
+        "--set settle_fraction=0 (0 turns settle_fraction / prune_at off).",
+    ),
+]
+Prefetch = Annotated[
+    int,
+    typer.Option(
+        "--prefetch",
+        min=0,
+        help="Encoders queued on each actor behind the one it scans: the next download starts as a scan ends.",
+    ),
+]
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*((?:[kmgt]i?)?b?)\s*", re.IGNORECASE)
 
@@ -84,6 +100,35 @@ def parse_size(text: str | None) -> int | None:
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     err_console.print(f"[red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def parse_sets(sets: list[str] | None, profile: str) -> tuple[tuple[str, object], ...]:
+    """`--set KEY=VALUE` pairs, checked against the profile's InversionConfig before any Ray work starts."""
+    from dataclasses import fields
+
+    from decree.inversion import InversionConfig
+
+    names = {f.name for f in fields(InversionConfig)} - {"profile"}
+    out: dict[str, object] = {}
+    for item in sets or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise _fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = _tuples(value)
+    try:
+        InversionConfig.from_profile(profile, **out)
+    except (TypeError, ValueError) as e:
+        raise _fail(f"--set: {e}") from None
+    return tuple(out.items())
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _config(**kwargs):
@@ -114,6 +159,8 @@ def scan(
     steps: Steps = None,
     timeout: Timeout = 1800.0,
     max_retries: Retries = 2,
+    prefetch: Prefetch = 1,
+    sets: Sets = None,
     workers: Workers = None,
     local_cpus: LocalCpus = 2,
     max_checkpoint_size: MaxSize = None,
@@ -138,6 +185,8 @@ def scan(
         steps=steps,
         timeout=timeout,
         max_retries=max_retries,
+        prefetch=prefetch,
+        overrides=parse_sets(sets, profile),
         num_workers=workers,
         local_cpus=local_cpus,
         max_checkpoint_bytes=parse_size(max_checkpoint_size),
@@ -182,12 +231,15 @@ def scan_args(config) -> list[str]:
         "--steps": config.steps,
         "--timeout": config.timeout,
         "--max-retries": config.max_retries,
+        "--prefetch": config.prefetch,
         "--workers": config.num_workers,
         "--max-checkpoint-size": config.max_checkpoint_bytes,
     }
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
+    for key, value in config.overrides:
+        args += ["--set", f"{key}={json.dumps(value)}"]
     return args
 
 
@@ -217,6 +269,8 @@ def submit(
     steps: Steps = None,
     timeout: Timeout = 1800.0,
     max_retries: Retries = 2,
+    prefetch: Prefetch = 1,
+    sets: Sets = None,
     workers: Workers = None,
     max_checkpoint_size: MaxSize = None,
 ) -> None:
@@ -235,6 +289,8 @@ def submit(
         steps=steps,
         timeout=timeout,
         max_retries=max_retries,
+        prefetch=prefetch,
+        overrides=parse_sets(sets, profile),
         num_workers=workers,
         max_checkpoint_bytes=parse_size(max_checkpoint_size),
     )

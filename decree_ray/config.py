@@ -30,6 +30,7 @@ class JobConfig:
     steps: int | None = None
     timeout: float = 1800.0
     max_retries: int = 2
+    prefetch: int = 1  # encoders queued on an actor behind the one it runs (hides the driver round trip)
     num_workers: int | None = None  # None: as many as the cluster's resources allow
     local_cpus: int = 2  # embedded Ray only
     flush_every: int = 16
@@ -44,6 +45,8 @@ class JobConfig:
     def __post_init__(self):
         if self.timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
+        if self.prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if self.cpus_per_encoder <= 0 or (self.gpus_per_encoder or 0) < 0:

@@ -1,12 +1,15 @@
 """The Ray job: stream encoders from a source to a pool of scan actors, one encoder per call, into Parquet.
 
-Each actor is built once (device, shadow set, inversion config) and gets one encoder at a time through a
-`ray.wait` dispatch loop, so a slow encoder holds back only its own actor. Per encoder the actor first
-downloads and hashes (`fetch`), and the driver decides by content (`results.content_key`: sha256, arch, profile,
-image_size, mean, std, format) whether to scan, to
-reuse an earlier result (resume; identical checkpoints under other keys) or to wait for an identical one in
-flight. Every encoder ends as exactly one row: timeouts kill and replace the actor; an actor that dies is
-replaced and its encoder retried up to `max_retries` times, then recorded as an error.
+Each actor is built once (device, shadow set, inversion config) and gets encoders through a `ray.wait` dispatch
+loop. Per encoder the actor first downloads and hashes (`fetch`), and the driver decides by content
+(`results.content_key`: sha256, arch, profile, image_size, mean, std, format) whether to scan, to reuse an
+earlier result (resume; identical checkpoints under other keys) or to wait for an identical one in flight.
+An actor holds its current encoder plus at most `prefetch` more: their calls queue on the actor (Ray runs one
+caller's calls in order), so the next download starts as the last scan ends instead of a driver round trip
+later, and a slow encoder holds back at most `prefetch` others. Every encoder ends as exactly one row: a
+timeout (counted from when the actor starts the call) kills and replaces the actor; an actor that dies is
+replaced and the encoder it was running retried up to `max_retries` times, then recorded as an error; the
+encoders queued behind it go back to the queue unpenalized.
 """
 
 from __future__ import annotations
@@ -57,12 +60,16 @@ def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
 class _Work:
     task: EncoderTask
     attempt: int = 0
-    phase: str = "fetch"
-    ref: Any = None
-    started: float = 0.0
-    key: str | None = None  # results.content_key, once fetched
+    key: str | None = None  # results.content_key, once fetched and sent to scan
     sha: str | None = None
     size: int | None = None
+
+
+@dataclass
+class _Call:
+    ref: Any
+    work: _Work
+    phase: str  # "fetch" or "scan"
 
 
 @dataclass
@@ -70,7 +77,8 @@ class _Slot:
     actor: Any
     ready_ref: Any
     ready: bool = False
-    work: _Work | None = None
+    calls: collections.deque = field(default_factory=collections.deque)  # outstanding, in the actor's run order
+    head_since: float = 0.0  # when the actor started running calls[0] (as seen by the driver)
 
 
 @dataclass
@@ -142,12 +150,22 @@ class _Job:
         )
         return _Slot(actor=actor, ready_ref=actor.ready.remote())
 
-    def _replace(self, slot: _Slot) -> None:
+    def _replace(self, slot: _Slot) -> list[_Call]:
+        """Kill the slot's actor and start a fresh one; returns the calls the old actor still had."""
         import ray
 
         ray.kill(slot.actor, no_restart=True)
+        lost = list(slot.calls)
         fresh = self._new_slot()
-        slot.actor, slot.ready_ref, slot.ready, slot.work = fresh.actor, fresh.ready_ref, False, None
+        slot.actor, slot.ready_ref, slot.ready, slot.calls = fresh.actor, fresh.ready_ref, False, collections.deque()
+        return lost
+
+    def _requeue(self, calls: list[_Call]) -> None:
+        """Encoders that were only queued behind a failed one: back to the front of the queue, unpenalized."""
+        for call in reversed(calls):
+            if call.work.key is not None:
+                self.state.in_flight.discard(call.work.key)  # its waiters stay parked for the next owner
+            self.state.pending.appendleft(_Work(call.work.task, attempt=call.work.attempt))
 
     # -- source -------------------------------------------------------------------------------------
     def _source(self) -> Iterator[EncoderTask]:
@@ -237,22 +255,23 @@ class _Job:
         return self.summary
 
     def _stop_actors(self, ray) -> None:
-        closing = [s.actor.close.remote() for s in self.slots if s.ready and s.work is None]
+        closing = [s.actor.close.remote() for s in self.slots if s.ready and not s.calls]
         ray.wait(closing, num_returns=len(closing), timeout=10)  # let idle actors clear their caches
         for slot in self.slots:
             ray.kill(slot.actor, no_restart=True)
 
     def _loop(self, ray) -> None:
         idle_since = time.monotonic()
+        depth = 1 + self.cfg.prefetch
         while True:
             for slot in self.slots:
-                if slot.ready and slot.work is None:
+                while slot.ready and len(slot.calls) < depth:
                     work = self._next()
                     if work is None:
                         break
-                    self._start(slot, work, "fetch", slot.actor.fetch.remote(work.task))
-            busy = [s for s in self.slots if s.work is not None]
-            self.counts.running = len(busy)
+                    self._submit(slot, work, "fetch", slot.actor.fetch.remote(work.task))
+            busy = [s for s in self.slots if s.calls]
+            self.counts.running = sum(len(s.calls) for s in busy)
             self.reporter.update(self.counts)
             if not busy and not self.state.pending and self.counts.listing_done:
                 if not self.state.waiting:
@@ -265,63 +284,67 @@ class _Job:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > max(self.cfg.timeout, 60.0):
                 raise JobError("no scan worker could start (not enough resources left in the cluster?)")
-            by_ref = {s.work.ref: s for s in busy}
-            by_ref.update({s.ready_ref: s for s in self.slots if not s.ready})
+            by_ref = {c.ref: (s, c) for s in busy for c in s.calls}
+            by_ref.update({s.ready_ref: (s, None) for s in self.slots if not s.ready})
             done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
             for ref in done:
-                self._handle(ray, by_ref[ref], ref)
-            self._check_timeouts(ray)
+                slot, call = by_ref[ref]
+                if call is None:
+                    self._handle_ready(ray, slot, ref)
+                elif call in slot.calls:  # not already dropped with an actor that died or timed out
+                    self._handle(ray, slot, call)
+            self._check_timeouts()
             self.writer.flush_if_due()
 
-    def _start(self, slot: _Slot, work: _Work, phase: str, ref) -> None:
-        work.phase, work.ref = phase, ref
-        if phase == "fetch":
-            work.started = time.monotonic()
-        slot.work = work
+    def _submit(self, slot: _Slot, work: _Work, phase: str, ref) -> None:
+        if not slot.calls:
+            slot.head_since = time.monotonic()
+        slot.calls.append(_Call(ref, work, phase))
 
-    def _handle(self, ray, slot: _Slot, ref) -> None:
+    def _handle_ready(self, ray, slot: _Slot, ref) -> None:
         from ray.exceptions import RayActorError
 
-        if not slot.ready:
-            try:
-                ray.get(ref)
-                slot.ready = True
-            except RayActorError as e:
-                self.start_failures += 1
-                if self.start_failures > 3 * len(self.slots):
-                    raise JobError(f"scan workers keep dying before they start: {e}") from e
-                self._replace(slot)
-            except Exception as e:  # noqa: BLE001 - a worker that cannot build (e.g. bad shadow set) stops the job
-                cause = getattr(e, "cause", None) or e
-                raise JobError(f"scan worker failed to start: {type(cause).__name__}: {cause}") from e
-            return
-        work = slot.work
         try:
-            result = ray.get(ref)
+            ray.get(ref)
+            slot.ready = True
         except RayActorError as e:
-            self._actor_died(slot, work, e)
+            self.start_failures += 1
+            if self.start_failures > 3 * len(self.slots):
+                raise JobError(f"scan workers keep dying before they start: {e}") from e
+            self._replace(slot)
+        except Exception as e:  # noqa: BLE001 - a worker that cannot build (e.g. bad shadow set) stops the job
+            cause = getattr(e, "cause", None) or e
+            raise JobError(f"scan worker failed to start: {type(cause).__name__}: {cause}") from e
+
+    def _handle(self, ray, slot: _Slot, call: _Call) -> None:
+        from ray.exceptions import RayActorError
+
+        work = call.work
+        try:
+            result = ray.get(call.ref)
+        except RayActorError as e:
+            self._actor_died(slot, e)
             return
         except Exception as e:  # noqa: BLE001 - a bug in one call is this encoder's error row
-            slot.work = None
+            self._pop(slot, call)
             cause = getattr(e, "cause", None) or e
-            row = error_row(
-                work.task,
-                f"worker error: {type(cause).__name__}: {cause}",
-                sha256=work.sha,
-                size_bytes=work.size,
-            )
-            self._finish(work, row)
+            message = f"worker error: {type(cause).__name__}: {cause}"
+            self._finish(work, error_row(work.task, message, sha256=work.sha, size_bytes=work.size))
             return
-        if work.phase == "fetch":
+        self._pop(slot, call)
+        if call.phase == "fetch":
             self._after_fetch(slot, work, result)
         else:
-            slot.work = None
             self.summary.scanned += 1
             self._finish(work, result)
 
+    def _pop(self, slot: _Slot, call: _Call) -> None:
+        """A call came back: the actor runs calls in order, so the next one started about now."""
+        slot.calls.remove(call)
+        slot.head_since = time.monotonic()
+
     def _after_fetch(self, slot: _Slot, work: _Work, result: dict[str, Any]) -> None:
         if "row" in result:
-            slot.work = None
             self._emit(result["row"])
             return
         task = work.task = result["task"]
@@ -329,17 +352,15 @@ class _Job:
         key = results_mod.task_content_key(work.sha, task, self.cfg.profile)
         done = self.known.get(key) or self.legacy.get((task.uri, work.sha, task.arch, self.cfg.profile))
         if done is not None:
-            slot.work = None
-            slot.actor.drop.remote()
+            slot.actor.drop.remote(task.uri)
             self._emit({**self._copy(done, task, work.size, work.sha), "content_key": key})
         elif key in self.state.in_flight:
-            slot.work = None
-            slot.actor.drop.remote()
+            slot.actor.drop.remote(task.uri)
             self.state.waiting[key].append((task, work.size))
         else:
             self.state.in_flight.add(key)
             work.key = key
-            self._start(slot, work, "scan", slot.actor.scan.remote())
+            self._submit(slot, work, "scan", slot.actor.scan.remote(task.uri))
 
     def _finish(self, work: _Work, row: dict[str, Any]) -> None:
         if work.key is not None:
@@ -351,8 +372,14 @@ class _Job:
                 self.known[work.key] = row
             self._release(work.key, row)
 
-    def _actor_died(self, slot: _Slot, work: _Work, exc: Exception) -> None:
-        self._replace(slot)
+    def _actor_died(self, slot: _Slot, exc: Exception) -> None:
+        """The call the actor was running is the culprit; the ones queued behind it are requeued."""
+        lost = self._replace(slot)
+        if not lost:
+            return
+        head, rest = lost[0], lost[1:]
+        self._requeue(rest)
+        work = head.work
         if work.key is not None:
             self.state.in_flight.discard(work.key)  # waiters stay parked for the next owner of this content
         if work.attempt < self.cfg.max_retries:
@@ -364,17 +391,14 @@ class _Job:
         if work.key is not None:
             self.state.pending.extend(_Work(task) for task, _ in self.state.waiting.pop(work.key, []))
 
-    def _check_timeouts(self, ray) -> None:
+    def _check_timeouts(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
-            work = slot.work
-            if work is None or now - work.started <= self.cfg.timeout:
+            if not slot.calls or now - slot.head_since <= self.cfg.timeout:
                 continue
-            self._replace(slot)
-            row = error_row(
-                work.task,
-                f"timed out after {self.cfg.timeout:g}s ({work.phase})",
-                sha256=work.sha,
-                size_bytes=work.size,
-            )
-            self._finish(work, row)
+            lost = self._replace(slot)
+            head = lost[0]
+            self._requeue(lost[1:])
+            work = head.work
+            message = f"timed out after {self.cfg.timeout:g}s ({head.phase})"
+            self._finish(work, error_row(work.task, message, sha256=work.sha, size_bytes=work.size))

@@ -2,7 +2,9 @@
 
 A plain class so it can be tested without Ray; `decree_ray.job` wraps it with `ray.remote`. Each encoder is two
 calls on the same actor: `fetch` (download to the local cache, read the sidecar, hash) and then, only if the
-driver has no result for that content yet, `scan`. Every exception becomes a row, never a crash.
+driver has no result for that content yet, `scan(uri)` (or `drop(uri)`). Fetched files are held by uri, so the
+driver can queue the next encoder's fetch behind the current scan and the actor never waits for a round trip.
+Every exception becomes a row, never a crash.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class ScanWorker:
         self.cache.mkdir(parents=True, exist_ok=True)
         self._shadow = None
         self._config = None
-        self._held: _Held | None = None
+        self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
 
     def _pick_device(self) -> str:
         import torch
@@ -147,7 +149,7 @@ class ScanWorker:
     # -- per encoder --------------------------------------------------------------------------------
     def fetch(self, task: EncoderTask) -> dict[str, Any]:
         """Download and hash. Returns {"task", "sha256", "size_bytes"} or {"row": error row}."""
-        self.drop()
+        self.drop(task.uri)
         limit = self.settings.max_checkpoint_bytes
         try:
             if limit is not None:
@@ -169,7 +171,7 @@ class ScanWorker:
             if delete:
                 path.unlink(missing_ok=True)
             return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
-        self._held = _Held(task, path, delete, sha, size)
+        self._held[task.uri] = _Held(task, path, delete, sha, size)
         return {"task": task, "sha256": sha, "size_bytes": size}
 
     @staticmethod
@@ -199,16 +201,20 @@ class ScanWorker:
             )
         return task
 
-    def drop(self) -> None:
-        held, self._held = self._held, None
-        if held is not None and held.delete:
-            held.path.unlink(missing_ok=True)
+    def drop(self, uri: str | None = None) -> None:
+        """Forget a fetched checkpoint (all of them without `uri`) and delete its cached file."""
+        for key in list(self._held) if uri is None else [uri]:
+            held = self._held.pop(key, None)
+            if held is not None and held.delete:
+                held.path.unlink(missing_ok=True)
 
-    def scan(self) -> dict[str, Any]:
-        """Scan the fetched checkpoint; always one row; the cached file is deleted afterwards."""
-        held = self._held
+    def scan(self, uri: str | None = None) -> dict[str, Any]:
+        """Scan a fetched checkpoint (the latest one without `uri`); always one row; its cached file is deleted."""
+        if uri is None and self._held:
+            uri = next(reversed(self._held))
+        held = self._held.get(uri) if uri is not None else None
         if held is None:
-            raise RuntimeError("scan() without a successful fetch()")
+            raise RuntimeError(f"scan({uri!r}) without a successful fetch()")
         task = held.task
         key = content_key(held.sha256, task, self.settings.profile)  # the driver matches resumes on it
         known = dict(sha256=held.sha256, size_bytes=held.size, content_key=key)
@@ -219,7 +225,7 @@ class ScanWorker:
                 )
             return self._scan(held, known)
         finally:
-            self.drop()
+            self.drop(uri)
 
     def _scan(self, held: _Held, known: dict[str, Any]) -> dict[str, Any]:
         from decree.errors import UnsafeCheckpointError

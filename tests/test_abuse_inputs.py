@@ -168,8 +168,8 @@ def test_s3_keys_that_would_escape_the_cache_are_downloaded_inside_it(zoo, sandb
 
     def spy(task):
         result = real_fetch(task)
-        if worker._held is not None:
-            fetched.append(worker._held.path)
+        if task.uri in worker._held:
+            fetched.append(worker._held[task.uri].path)
         return result
 
     worker.fetch = spy

@@ -70,6 +70,14 @@ def test_scan_passes_every_option_to_the_job_config(fake_job):
             "4",
             "--workers",
             "5",
+            "--prefetch",
+            "3",
+            "--set",
+            "max_steps=40",
+            "--set",
+            "lr_drops=[[10, 0.1]]",
+            "--set",
+            "settle-fraction=0",
             "--quiet",
         ],
     )
@@ -91,6 +99,8 @@ def test_scan_passes_every_option_to_the_job_config(fake_job):
             timeout=30.0,
             max_retries=4,
             num_workers=5,
+            prefetch=3,
+            overrides=(("max_steps", 40), ("lr_drops", ((10, 0.1),)), ("settle_fraction", 0)),
         )
     ]
 
@@ -139,6 +149,13 @@ def test_invalid_options_exit_2_before_any_job_runs(fake_job):
     calls, _ = fake_job
     result = runner.invoke(app, SCAN + ["--timeout", "0"])
     assert result.exit_code == 2 and calls == []
+
+
+@pytest.mark.parametrize("given", ["max_stepz=3", "no-equals-sign", "profile=paper", "betas=[0.5]]"])
+def test_an_unknown_or_malformed_set_exits_2_before_any_job_runs(fake_job, given):
+    calls, _ = fake_job
+    result = runner.invoke(app, SCAN + ["--quiet", "--set", given])
+    assert result.exit_code == 2 and calls == [], result.output
 
 
 class _FakeClient:

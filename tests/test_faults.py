@@ -129,7 +129,7 @@ def _scan_cmd(source, shadow, out, steps, address):
     """`decree scan` as a separate driver process on the module's Ray cluster (as with --address on a real one)."""
     return [sys.executable, str(HERE / "faults" / "driver.py"), "scan", str(source), "--shadow", str(shadow),
             "--out", str(out), "--arch", TINY_ARCH, "--steps", str(steps), "--workers", "2", "--address", address,
-            "--quiet", "--timeout", "300"]
+            "--quiet", "--timeout", "300", *[a for k, v in FAST_OVERRIDES for a in ("--set", f"{k}={v}")]]
 
 
 def _kill_group(proc):
@@ -211,7 +211,7 @@ def test_killed_workers_are_replaced_and_an_encoder_past_its_retry_budget_is_an_
     source, shadow, reference = folder
     plan = {"m1.safetensors": ("ray.kill", 1), "m2.safetensors": ("sigkill", 1), "m3.safetensors": ("sigkill", 99)}
     killer = Killer(local_ray, plan)
-    monkeypatch.setattr(job_mod._Job, "_start", lambda job, *a: killer(job, *a))
+    monkeypatch.setattr(job_mod._Job, "_submit", lambda job, *a: killer(job, *a))
 
     summary = run_job(_config(source, shadow, tmp_path / "out", arch=TINY_ARCH, steps=KILL_STEPS, max_retries=1))
 
@@ -229,6 +229,24 @@ def test_killed_workers_are_replaced_and_an_encoder_past_its_retry_budget_is_an_
            "encoder retried on a fresh actor; row ok and equal to a fault-free scan", rows_lost=lost)
     record("infrastructure", "an encoder whose worker is SIGKILLed on every attempt (max_retries=1)", 2,
            "error row 'worker died 2 times'; the other rows of the run ok", rows_lost=lost)
+
+
+def test_encoders_queued_behind_a_killed_one_are_requeued_without_spending_their_retry_budget(local_ray, folder, tmp_path, monkeypatch, record):
+    source, shadow, reference = folder
+    killer = Killer(local_ray, {"m0.safetensors": ("ray.kill", 1)})
+    monkeypatch.setattr(job_mod._Job, "_submit", lambda job, *a: killer(job, *a))
+
+    config = _config(source, shadow, tmp_path / "out", arch=TINY_ARCH, steps=KILL_STEPS, max_retries=0,
+                     num_workers=1, prefetch=2)
+    summary = run_job(config)
+
+    rows = {r["id"]: r for r in _results_table(str(tmp_path / "out"))}
+    assert sorted(rows) == [f"m{i}.safetensors" for i in range(4)] and killer.kills == {"ray.kill": 1}
+    dead = rows.pop("m0.safetensors")  # the one the actor was running: no retries allowed
+    assert dead["status"] == "error" and "worker died 1 times" in dead["error"] and summary.retried == 0
+    assert harness.stable(list(rows.values())) == {k: v for k, v in reference.items() if not k.endswith("m0.safetensors")}
+    record("infrastructure", "actor killed with encoders queued behind the one it runs (prefetch 2)", 1,
+           "the running encoder is the error row; the queued ones rerun on a fresh actor, rows ok", rows_lost=4 - len(rows) - 1)
 
 
 def test_ray_job_over_hostile_and_broken_files_gives_the_same_rows_as_the_worker_path(local_ray, zoo, tmp_path, record):

@@ -79,3 +79,59 @@ def test_nan_producing_encoder_is_an_inversion_error(small_setup):
         broken.backbone.conv_stem.weight.fill_(float("nan"))
     with pytest.raises(InversionError, match="NaN"):
         invert(broken, shadow, InversionConfig.from_profile("fast", max_steps=3, min_steps=0, restarts=1, batch_size=6))
+
+
+def test_pruning_a_restart_carries_its_adam_moments_so_its_trajectory_continues_unchanged():
+    from decree.inversion import _keep_restart
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 1, 4, 4)
+    params = [torch.randn(3, 1, 4, 4, requires_grad=True), torch.randn(3, 3, 4, 4, requires_grad=True)]
+    opt = torch.optim.Adam(params, lr=0.1, betas=(0.5, 0.9))
+
+    def step(ps, o, t):
+        loss = ((ps[0] - t) ** 2).sum() + (ps[1] ** 2).sum()  # separable over restarts, like the real loss
+        o.zero_grad()
+        loss.backward()
+        o.step()
+
+    for _ in range(4):
+        step(params, opt, target)
+    kept, kept_opt = _keep_restart(opt, params, 1)
+    for _ in range(3):
+        step(params, opt, target)
+        step(kept, kept_opt, target[1:2])
+    assert kept[0].shape == (1, 1, 4, 4) and kept[1].shape == (1, 3, 4, 4)
+    assert torch.allclose(kept[0], params[0][1:2], atol=1e-6) and torch.allclose(kept[1], params[1][1:2], atol=1e-6)
+
+
+def test_fast_prunes_to_one_restart_and_settles_once_the_verdict_cannot_change(small_setup):
+    from decree.inversion import _should_stop
+
+    cfg = InversionConfig.from_profile("fast", threshold=0.1, settle_fraction=0.5, min_steps=50)
+    area = 100.0
+    assert _should_stop(cfg, 3, 3, torch.tensor([4.9, float("inf")]), area)  # 0.049 < 0.05: before min_steps
+    assert not _should_stop(cfg, 3, 3, torch.tensor([5.1]), area)
+    assert not _should_stop(InversionConfig.from_profile("fast", threshold=0.1, settle_fraction=0), 3, 3,
+                            torch.tensor([0.0]), area)  # 0 turns it off
+    assert not _should_stop(cfg, 3, 3, torch.tensor([float("inf")]), area)  # nothing reached τ yet
+
+    enc, shadow = small_setup
+    r = invert(enc, shadow, InversionConfig.from_profile("fast", max_steps=6, min_steps=6, restarts=3, batch_size=4,
+                                                          prune_at=2, settle_fraction=0))
+    assert r.steps == 6 and r.restart == 0 and r.mask.shape == (16, 16)  # one restart left: index 0
+    p = InversionConfig.from_profile("paper")
+    assert p.prune_at is None and p.settle_fraction is None
+
+
+def test_scan_threshold_reaches_the_inversion_so_settling_stops_against_it(small_setup, tmp_path):
+    from safetensors.torch import save_file
+
+    from decree.scan import scan_encoder
+
+    enc, shadow = small_setup
+    path = tmp_path / "e.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.backbone.state_dict().items()}, str(path))
+    cfg = InversionConfig.from_profile("fast", max_steps=2, min_steps=0, restarts=1, batch_size=4)
+    res = scan_encoder(path, "timm/tf_efficientnet_lite0", shadow, config=cfg, image_size=16, threshold=0.003)
+    assert res.threshold == 0.003 and res.result.threshold == 0.003

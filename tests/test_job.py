@@ -134,7 +134,7 @@ def test_resume_after_interrupt_scans_only_unfinished_encoders_and_matches_a_cle
     assert _stable(results_mod.load_rows(str(out))) == _stable(results_mod.load_rows(str(tmp_path / "clean")))
 
 
-NEVER_ENDING = FAST_OVERRIDES + (("min_steps", 10**7), ("early_stop_patience", 10**7))
+NEVER_ENDING = FAST_OVERRIDES + (("min_steps", 10**7), ("early_stop_patience", 10**7), ("settle_fraction", 0.0))
 
 
 def test_timeout_records_an_error_row_and_a_fresh_actor_takes_the_next_encoder(local_ray, zoo, tmp_path):

@@ -6,12 +6,16 @@ import collections
 import os
 import signal
 import threading
+import time
 
 from decree_ray import job as job_mod
 
 
 class Killer:
-    """Wraps _Job._start: when a planned encoder starts scanning, its actor is killed shortly after.
+    """Wraps _Job._submit: when a planned encoder starts scanning, its actor is killed shortly after.
+
+    Calls queue on an actor (prefetch), so "starts" means: its scan call is at the head of the slot's queue,
+    i.e. the call before it came back; the kill then lands while that scan runs, not one queued behind.
 
     plan: encoder id -> (how, times); how is "ray.kill" or "sigkill" (SIGKILL of the actor's pid, as the
     kernel's OOM killer does).
@@ -22,7 +26,7 @@ class Killer:
         self.plan = {k: list(v) for k, v in plan.items()}
         self.pids: dict[str, int] = {}
         self.kills: collections.Counter = collections.Counter()
-        self._real = job_mod._Job._start
+        self._real = job_mod._Job._submit
 
     def __call__(self, job, slot, work, phase, ref):
         self._real(job, slot, work, phase, ref)
@@ -30,15 +34,32 @@ class Killer:
         if entry is None or entry[1] <= 0:
             return
         if phase == "fetch" and entry[0] == "sigkill":  # the pid, asked while the actor is still reachable
-            self.pids[work.task.id] = self.ray.get(slot.actor.__ray_call__.remote(lambda actor: os.getpid()))
+            try:
+                self.pids[work.task.id] = self.ray.get(slot.actor.__ray_call__.remote(lambda actor: os.getpid()))
+            except self.ray.exceptions.RayActorError:
+                pass  # killed for an encoder queued ahead: this one is requeued and asked again on its next actor
         elif phase == "scan":
-            entry[1] -= 1
-            threading.Timer(self.delay, self._kill, (work.task.id, entry[0], slot.actor)).start()
+            threading.Thread(target=self._kill_when_running, args=(slot, ref, work.task.id, entry), daemon=True).start()
+
+    def _kill_when_running(self, slot, ref, eid, entry, wait=60.0):
+        """Counts a planned kill only when it happens: a scan requeued from a dead actor is planned again."""
+        actor, deadline = slot.actor, time.monotonic() + wait
+        while time.monotonic() < deadline:
+            calls = list(slot.calls)
+            if slot.actor is not actor or not any(c.ref is ref for c in calls):
+                return  # the actor died of something else first, or the scan already came back
+            if calls[0].ref is ref:
+                time.sleep(self.delay)
+                if eid in self.pids or entry[0] != "sigkill":
+                    entry[1] -= 1
+                    self._kill(eid, entry[0], actor)
+                return
+            time.sleep(0.005)
 
     def _kill(self, eid, how, actor):
         self.kills[how] += 1
         if how == "sigkill":
-            os.kill(self.pids[eid], signal.SIGKILL)
+            os.kill(self.pids.pop(eid), signal.SIGKILL)  # a pid is used once: never a stale one
         else:
             self.ray.kill(actor, no_restart=True)
 
