@@ -41,7 +41,7 @@ bench-quality: install
 	$(BIN)/decree bench --out bench $(BENCH_ARGS)
 
 bench-scale: install
-	$(BIN)/python -m decree_ray.bench_scale --out bench --n 200 --keys 50000
+	$(BIN)/python -m decree_ray.bench_scale --out bench --n 1000 --keys 100000
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -78,6 +78,7 @@ def scan_encoder(
     device=None,
     evidence_dir: str | Path | None = None,
     encoder_id: str | None = None,
+    max_bytes: int | None = None,
 ) -> ScanResult:
     """Scan one checkpoint. Raises a DecreeError subclass when the encoder cannot be scanned."""
     t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def scan_encoder(
     cfg = config or InversionConfig.from_profile("fast")
     if threshold is not None:  # the inversion's settle rule must stop against the threshold the verdict uses
         cfg = replace(cfg, threshold=float(threshold))
-    encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std)
+    encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std, max_bytes=max_bytes)
     pixels = _shadow_pixels(shadow, encoder.preprocess.image_size, dev)
     result = invert(encoder, pixels, cfg, device=dev)
     if not (math.isfinite(result.l1_norm) and torch.isfinite(result.mask).all()):

@@ -249,6 +249,7 @@ class ScanWorker:
                 device=self.device,
                 evidence_dir=evidence_dir,
                 encoder_id=held.sha256[:16],
+                max_bytes=self.settings.max_checkpoint_bytes,  # the file was checked, but the core refuses too
             )
             values = result.to_row()
         except UnsafeCheckpointError as e:

@@ -148,3 +148,21 @@ def test_a_backbone_state_dict_saves_as_is_despite_channels_last(tmp_path, refer
     path = tmp_path / "direct.safetensors"
     save_file(reference.backbone.state_dict(), str(path))  # no .contiguous() needed by callers
     assert _same_weights(create_encoder(ARCH, path), reference)
+
+
+def test_the_core_refuses_a_checkpoint_over_max_bytes_before_reading_it(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from decree.scan import scan_encoder
+
+    enc = create_encoder("timm/test_efficientnet", image_size=16)
+    path = tmp_path / "big.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.backbone.state_dict().items()}, str(path))
+    import safetensors.torch
+
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("read a file over the limit"))
+    with pytest.raises(CheckpointError, match="over the limit"):
+        scan_encoder(path, "timm/test_efficientnet", torch.rand(4, 3, 16, 16), max_bytes=path.stat().st_size - 1)
+    monkeypatch.setattr(safetensors.torch, "load_file", real)
+    assert create_encoder("timm/test_efficientnet", path, image_size=16, max_bytes=path.stat().st_size) is not None

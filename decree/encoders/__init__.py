@@ -39,11 +39,13 @@ def create_encoder(
     image_size: int | None = None,
     mean=None,
     std=None,
+    max_bytes: int | None = None,
 ) -> Encoder:
     """Build `arch` ("timm/tf_efficientnet_lite0", "torchvision/resnet18", "open_clip/ViT-B-32", ...).
 
     `checkpoint` (a path or a state dict) loads strictly; `pretrained=True` loads the offline weights
     registered for the arch. Without either, the encoder has random weights: only for building zoos.
+    `max_bytes` refuses a bigger checkpoint file before reading it (CheckpointError).
     The result is in eval mode with frozen parameters: the inverter needs gradients for the input only.
     """
     backbone, preprocess = build_backbone(arch)
@@ -52,7 +54,7 @@ def create_encoder(
     if pretrained:
         load_into(backbone, pretrained_state_dict(arch))
     elif checkpoint is not None:
-        load_into(backbone, checkpoint)
+        load_into(backbone, checkpoint, max_bytes=max_bytes)
     encoder = Encoder(backbone, arch, preprocess.replace(image_size, mean, std))
     encoder.eval()
     encoder.requires_grad_(False)

@@ -281,8 +281,8 @@ def _preview(keys: list[str], n: int = 8) -> str:
     return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
 
 
-def load_into(model: torch.nn.Module, checkpoint: str | Path | dict) -> None:
-    obj = checkpoint if isinstance(checkpoint, dict) else read_state_dict(checkpoint)
+def load_into(model: torch.nn.Module, checkpoint: str | Path | dict, *, max_bytes: int | None = None) -> None:
+    obj = checkpoint if isinstance(checkpoint, dict) else read_state_dict(checkpoint, max_bytes=max_bytes)
     sd = match_state_dict(obj, model)
     try:
         model.load_state_dict(sd, strict=False)  # strictness already enforced above, counters aside

@@ -1,0 +1,123 @@
+"""The options `decree scan` and `decree submit` share, and their parsing (sizes, `--set` overrides).
+
+Typer needs each command's signature spelled out; the option types are defined once here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+err_console = Console(stderr=True)
+
+Source = Annotated[
+    str, typer.Argument(help="s3://bucket/prefix, a local folder, or a manifest (.jsonl/.csv/.parquet).")
+]
+Shadow = Annotated[str, typer.Option("--shadow", help="Shadow set: .npz/.parquet/image folder, local or s3://.")]
+Out = Annotated[str, typer.Option("--out", help="Output folder or s3:// prefix (parts, results.parquet, evidence).")]
+Profile = Annotated[str, typer.Option("--profile", help="Inversion profile: fast | paper.")]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="PL1 threshold (default: the core's).")]
+GpusPer = Annotated[
+    Optional[float],
+    typer.Option(
+        "--gpus-per-encoder", help="GPUs per actor, fractional OK. Default: 1 if the cluster has GPUs, else CPU actors."
+    ),
+]
+CpusPer = Annotated[float, typer.Option("--cpus-per-encoder", help="CPUs per actor (also its torch threads).")]
+MaxEnc = Annotated[Optional[int], typer.Option("--max-encoders", help="Stop after this many encoders from the source.")]
+Endpoint = Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-compatible endpoint (MinIO, moto, ...).")]
+Arch = Annotated[
+    Optional[str], typer.Option("--arch", help="Architecture when neither manifest nor <checkpoint>.json names one.")
+]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's max_steps (quick runs).")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per encoder before it is recorded as an error.")]
+Retries = Annotated[int, typer.Option("--max-retries", help="Retries of an encoder whose worker died.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Number of actors (default: fill the cluster).")]
+LocalCpus = Annotated[int, typer.Option("--local-cpus", help="CPUs of the embedded Ray (no --address).")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+MaxSize = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-checkpoint-size",
+        help="Refuse bigger checkpoints before downloading them (error row). Bytes, or e.g. 500MB, 2GiB.",
+    ),
+]
+Sets = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="Inversion setting over the profile, KEY=VALUE (repeatable; JSON values), e.g. --set max_steps=200 "
+        "--set settle_fraction=0 (0 turns settle_fraction / prune_at off).",
+    ),
+]
+Prefetch = Annotated[
+    int,
+    typer.Option(
+        "--prefetch",
+        min=0,
+        help="Encoders queued on each actor behind the one it scans: the next download starts as a scan ends.",
+    ),
+]
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*((?:[kmgt]i?)?b?)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str | None) -> int | None:
+    """'1000' -> 1000, '500MB' -> 500*10**6, '2GiB' -> 2*2**30 (K/M/G/T; 'i' means powers of 1024)."""
+    if text is None:
+        return None
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise _fail(f"--max-checkpoint-size: cannot read {text!r} (bytes, or e.g. 500MB, 2GiB)")
+    unit = m[2].lower().rstrip("b")
+    base = 1024 if unit.endswith("i") else 1000
+    power = "kmgt".find(unit[:1]) + 1 if unit else 0
+    return int(float(m[1]) * base**power)
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def parse_sets(sets: list[str] | None, profile: str) -> tuple[tuple[str, object], ...]:
+    """`--set KEY=VALUE` pairs, checked against the profile's InversionConfig before any Ray work starts."""
+    from dataclasses import fields
+
+    from decree.inversion import InversionConfig
+
+    names = {f.name for f in fields(InversionConfig)} - {"profile"}
+    out: dict[str, object] = {}
+    for item in sets or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise _fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = _tuples(value)
+    try:
+        InversionConfig.from_profile(profile, **out)
+    except (TypeError, ValueError) as e:
+        raise _fail(f"--set: {e}") from None
+    return tuple(out.items())
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _config(**kwargs):
+    from .config import JobConfig
+
+    try:
+        return JobConfig(**kwargs)
+    except ValueError as e:
+        raise _fail(str(e)) from None
