@@ -271,7 +271,7 @@ class _Job:
                         break
                     self._submit(slot, work, "fetch", slot.actor.fetch.remote(work.task))
             busy = [s for s in self.slots if s.calls]
-            self.counts.running = sum(len(s.calls) for s in busy)
+            self.counts.running = len(busy)  # actors at work (each may hold a prefetched encoder too)
             self.reporter.update(self.counts)
             if not busy and not self.state.pending and self.counts.listing_done:
                 if not self.state.waiting:
