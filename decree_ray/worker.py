@@ -1,4 +1,4 @@
-"""The per-actor scanner: built once (device, shadow set, inversion config), then fed one encoder at a time.
+"""The per-actor scanner: built once (device, shadow set, inversion config), then fed encoders by the driver.
 
 A plain class so it can be tested without Ray; `decree_ray.job` wraps it with `ray.remote`. Each encoder is two
 calls on the same actor: `fetch` (download to the local cache, read the sidecar, hash) and then, only if the

@@ -198,6 +198,10 @@ def test_submit_sends_the_same_scan_as_a_ray_job(monkeypatch, fake_job):
             "http://head:8265",
             "--steps",
             "7",
+            "--set",
+            "lr_drops=[[10, 0.1]]",
+            "--prefetch",
+            "0",
             "--max-checkpoint-size",
             "2GiB",
             "--working-dir",
@@ -219,8 +223,8 @@ def test_submit_sends_the_same_scan_as_a_ray_job(monkeypatch, fake_job):
     assert argv[:2] == ["decree", "scan"]
     calls, _ = fake_job
     assert runner.invoke(app, argv[1:]).exit_code == 0
-    assert calls[0] == job.JobConfig(source=SCAN[1], shadow=SCAN[3], out=SCAN[5], steps=7,
-                                     max_checkpoint_bytes=2 * 2**30)
+    assert calls[0] == job.JobConfig(source=SCAN[1], shadow=SCAN[3], out=SCAN[5], steps=7, prefetch=0,
+                                     overrides=(("lr_drops", ((10, 0.1),)),), max_checkpoint_bytes=2 * 2**30)
 
 
 @pytest.mark.parametrize("follow", [False, True])
