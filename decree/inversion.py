@@ -353,10 +353,14 @@ def _keep_restart(opt: torch.optim.Adam, params, k: int):
     kept = [p.detach()[k : k + 1].clone().requires_grad_(True) for p in params]
     group = opt.param_groups[0]
     new = torch.optim.Adam(kept, lr=group["lr"], betas=group["betas"])
+
+    def take(v):  # moments are per element: slice them; the step count is a 0-d tensor shared by all
+        if not torch.is_tensor(v):
+            return v
+        return (v[k : k + 1] if v.dim() else v).clone()
+
     for old, p in zip(params, kept):
-        state = opt.state.get(old, {})
-        new.state[p] = {n: (v[k : k + 1] if torch.is_tensor(v) and v.dim() else v).clone() if torch.is_tensor(v) else v
-                        for n, v in state.items()}
+        new.state[p] = {name: take(v) for name, v in opt.state.get(old, {}).items()}
     return kept, new
 
 

@@ -160,12 +160,17 @@ class _Job:
         slot.actor, slot.ready_ref, slot.ready, slot.calls = fresh.actor, fresh.ready_ref, False, collections.deque()
         return lost
 
-    def _requeue(self, calls: list[_Call]) -> None:
-        """Encoders that were only queued behind a failed one: back to the front of the queue, unpenalized."""
-        for call in reversed(calls):
+    def _replace_busy(self, slot: _Slot) -> _Call | None:
+        """Replace a failed actor. Returns the call it was running (the culprit); the encoders queued behind
+        it go back to the front of the queue, unpenalized. Content keys of all of them leave `in_flight`:
+        their waiters stay parked for the next owner of that content."""
+        lost = self._replace(slot)
+        for call in lost:
             if call.work.key is not None:
-                self.state.in_flight.discard(call.work.key)  # its waiters stay parked for the next owner
+                self.state.in_flight.discard(call.work.key)
+        for call in reversed(lost[1:]):
             self.state.pending.appendleft(_Work(call.work.task, attempt=call.work.attempt))
+        return lost[0] if lost else None
 
     # -- source -------------------------------------------------------------------------------------
     def _source(self) -> Iterator[EncoderTask]:
@@ -328,8 +333,7 @@ class _Job:
         except Exception as e:  # noqa: BLE001 - a bug in one call is this encoder's error row
             self._pop(slot, call)
             cause = getattr(e, "cause", None) or e
-            message = f"worker error: {type(cause).__name__}: {cause}"
-            self._finish(work, error_row(work.task, message, sha256=work.sha, size_bytes=work.size))
+            self._fail(work, f"worker error: {type(cause).__name__}: {cause}")
             return
         self._pop(slot, call)
         if call.phase == "fetch":
@@ -372,16 +376,15 @@ class _Job:
                 self.known[work.key] = row
             self._release(work.key, row)
 
+    def _fail(self, work: _Work, message: str) -> None:
+        self._finish(work, error_row(work.task, message, sha256=work.sha, size_bytes=work.size))
+
     def _actor_died(self, slot: _Slot, exc: Exception) -> None:
         """The call the actor was running is the culprit; the ones queued behind it are requeued."""
-        lost = self._replace(slot)
-        if not lost:
+        head = self._replace_busy(slot)
+        if head is None:
             return
-        head, rest = lost[0], lost[1:]
-        self._requeue(rest)
         work = head.work
-        if work.key is not None:
-            self.state.in_flight.discard(work.key)  # waiters stay parked for the next owner of this content
         if work.attempt < self.cfg.max_retries:
             self.summary.retried += 1
             self.state.pending.appendleft(_Work(work.task, attempt=work.attempt + 1))
@@ -396,9 +399,5 @@ class _Job:
         for slot in self.slots:
             if not slot.calls or now - slot.head_since <= self.cfg.timeout:
                 continue
-            lost = self._replace(slot)
-            head = lost[0]
-            self._requeue(lost[1:])
-            work = head.work
-            message = f"timed out after {self.cfg.timeout:g}s ({head.phase})"
-            self._finish(work, error_row(work.task, message, sha256=work.sha, size_bytes=work.size))
+            head = self._replace_busy(slot)
+            self._fail(head.work, f"timed out after {self.cfg.timeout:g}s ({head.phase})")
