@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO    ?= .demo
 
-.PHONY: install demo test test-fast bench bench-quality bench-scale clean
+.PHONY: install demo test test-fast bench bench-quality bench-scale reliability clean
 
 install: $(STAMP) $(FMNIST)
 
@@ -39,6 +39,10 @@ bench: bench-quality bench-scale
 BENCH_ARGS ?= --paper-max-steps 200
 bench-quality: install
 	$(BIN)/decree bench --out bench $(BENCH_ARGS)
+
+# bench/RELIABILITY.md and bench/reliability/*.json: only this target writes them (tests leave the tree clean)
+reliability: install
+	$(BIN)/python tests/reliability_report.py
 
 bench-scale: install
 	$(BIN)/python -m decree_ray.bench_scale --out bench --n 1000 --keys 100000

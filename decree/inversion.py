@@ -34,7 +34,7 @@ class InversionConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     batch_size: int = 16  # per restart: restarts × batch_size images per forward
     tau: float = 0.95
-    threshold: float = 0.015  # PL1 below which a trigger that reached τ means "trojaned" (calibrated per profile)
+    threshold: float = 0.03  # PL1 below which a trigger that reached τ means "trojaned" (calibrated per profile)
     lambda_init: float = 5e-2
     lambda_factor: float = 2.0
     lambda_min: float = 1e-5
@@ -51,12 +51,21 @@ class InversionConfig:
     settle_fraction: float | None = 0.5  # stop once best PL1 < this × threshold (0/None: never); PL1 is then an upper bound
     mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
     mask_init_value: float = 0.05
+    seed_area: float = 0.12  # "spread": the area fraction of each seeded restart's starting blob
     l1_channels: int = 1  # the paper sums the mask over 3 channels: λ then weighs 3× the area
     l1_per_area: bool = True  # λ weighs the area fraction (scale-free); the paper weighs the raw pixel sum
     early_stop_per_epoch: bool = False
     eval_images: int = 256  # the final similarity is measured on this many shadow images
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA
+    # "patch": a mask per pixel (DECREE); "blend": one mask value for the whole image, so the trigger is a
+    # global blend (1-α)·x + α·p and the score is the smallest α that makes the shadow set embed alike
+    trigger: str = "patch"
+    # The whole-image (blend) search that can follow the patch search: its step budget (0/None: none) and the
+    # blend weight below which it calls the encoder trojaned. Off by default: on the tune families the patch
+    # search ranked whole-image trojans as well or better, and the blend search costs +60% (bench/README.md).
+    blend_max_steps: int | None = None
+    blend_threshold: float = 0.05
 
     @classmethod
     def from_profile(cls, profile: str = "fast", **overrides) -> "InversionConfig":
@@ -73,6 +82,13 @@ class InversionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def blend_config(self) -> "InversionConfig | None":
+        """The settings of the whole-image search, or None when it is off (or this already is one)."""
+        if self.trigger != "patch" or not self.blend_max_steps:
+            return None
+        return replace(self, trigger="blend", restarts=1, prune_at=None, max_steps=self.blend_max_steps,
+                       min_steps=min(self.min_steps, self.blend_max_steps), threshold=self.blend_threshold)
 
 
 # The paper's settings for CIFAR/STL-sized encoders (its script: lr 0.5, batch 128, τ 0.99, λ0 1e-3 ×/÷5).
@@ -101,6 +117,7 @@ PAPER = InversionConfig(
     l1_channels=3,
     l1_per_area=False,
     early_stop_per_epoch=True,
+    blend_max_steps=None,  # the paper searches patches only
 )
 # ImageNet/CLIP-sized encoders in the paper: later lr drops, longer patience, lower λ floor.
 PAPER_LARGE = replace(
@@ -172,13 +189,41 @@ def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.T
     return out.flatten(0, 1)
 
 
+def _mask_shape(cfg: InversionConfig, h: int, w: int) -> tuple[int, int]:
+    if cfg.trigger == "patch":
+        return h, w
+    if cfg.trigger == "blend":
+        return 1, 1  # broadcast over the image: one blend weight
+    raise ValueError(f"unknown trigger model {cfg.trigger!r}; choose patch or blend")
+
+
+# where seeded restarts start, in order: corners, centre, edge midpoints (fractions of the free range)
+_SEEDS = ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5), (0, 0.5), (0.5, 0), (0.5, 1), (1, 0.5))
+
+
+def _blob(k: int, h: int, w: int, area: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    side_h, side_w = max(1, round(h * math.sqrt(area))), max(1, round(w * math.sqrt(area)))
+    fr, fc = _SEEDS[k % len(_SEEDS)]
+    r0, c0 = round(fr * (h - side_h)), round(fc * (w - side_w))
+    return (r0, r0 + side_h), (c0, c0 + side_w)
+
+
 def _init_params(cfg: InversionConfig, r: int, h: int, w: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    mh, mw = _mask_shape(cfg, h, w)
     if cfg.mask_init == "random":
-        mask = torch.rand(r, 1, h, w, generator=gen)
+        mask = torch.rand(r, 1, mh, mw, generator=gen)
     elif cfg.mask_init == "uniform":
         # A small flat mask lets the gradient, not the initial noise, decide where the trigger grows.
-        jitter = 0.01 * torch.rand(r, 1, h, w, generator=gen)
-        mask = torch.full((r, 1, h, w), cfg.mask_init_value) + jitter
+        jitter = 0.01 * torch.rand(r, 1, mh, mw, generator=gen)
+        mask = torch.full((r, 1, mh, mw), cfg.mask_init_value) + jitter
+    elif cfg.mask_init == "spread":
+        # Restart 0 is the flat small mask; the others start from a square blob at a corner, the centre or an
+        # edge midpoint, where triggers sit: a restart that starts on the trigger need not find it by gradient.
+        jitter = 0.01 * torch.rand(r, 1, mh, mw, generator=gen)
+        mask = torch.full((r, 1, mh, mw), cfg.mask_init_value) + jitter
+        for k in range(1, r):
+            (r0, r1), (c0, c1) = _blob(k - 1, mh, mw, cfg.seed_area)
+            mask[k, :, r0:r1, c0:c1] = 0.9
     else:
         raise ValueError(f"unknown mask_init {cfg.mask_init!r}")
     pattern = torch.rand(r, 3, h, w, generator=gen)
@@ -235,10 +280,11 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
     mask_p, pat_p = _init_params(cfg, r, h, w, gen, device)
     opt = torch.optim.Adam([mask_p, pat_p], lr=cfg.lr, betas=cfg.betas)
     lam = _Lambda(cfg, r, device)
-    area = float(h * w)
+    mh, mw = _mask_shape(cfg, h, w)
+    area = float(mh * mw)  # PL1 = L1 / area: the mask's area fraction, or the blend weight α
     l1_weight = cfg.l1_channels / (area if cfg.l1_per_area else 1.0)
     best_l1 = torch.full((r,), math.inf, device=device)
-    best_mask = torch.zeros(r, 1, h, w, device=device)
+    best_mask = torch.zeros(r, 1, mh, mw, device=device)
     best_pat = torch.zeros(r, 3, h, w, device=device)
     steps_per_epoch = math.ceil(n / batch)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * steps_per_epoch
@@ -322,7 +368,7 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
         steps=step,
         epochs=epoch,
         seconds=time.perf_counter() - t0,
-        mask=mask_k[0].float().cpu(),
+        mask=mask_k[0].float().expand(h, w).cpu().contiguous(),
         pattern=pat_k.float().cpu(),
         profile=cfg.profile,
         tau=cfg.tau,

@@ -1,4 +1,10 @@
-"""The one core call per encoder: load safely, invert, score, save evidence."""
+"""The one core call per encoder: load safely, invert, score, save evidence.
+
+Two trigger models are searched. The patch search (DECREE's mask) finds small triggers; the blend search finds
+whole-image triggers (blends, sinusoids, universal noise), whose mask would cover the whole image and so could
+never be judged by area. Each has its own score and verdict; the encoder's verdict is the more suspicious one.
+The blend search is skipped when the patch search already flagged the encoder (the verdict cannot change).
+"""
 
 from __future__ import annotations
 
@@ -23,15 +29,21 @@ from .shadow import ShadowSet
 class ScanResult:
     encoder_id: str
     arch: str
-    result: InversionResult
-    verdict: str
+    result: InversionResult  # the patch search
+    verdict: str  # the more suspicious of the patch and blend verdicts
     threshold: float
     device: str
     seconds: float  # load + inversion
     evidence: dict[str, str] = field(default_factory=dict)
+    blend: InversionResult | None = None  # the whole-image search (None: not run)
+    patch_verdict: str | None = None
+    blend_verdict: str | None = None
+    blend_threshold: float | None = None
+    image_size: int | None = None
+    shadow_sha256: str | None = None
 
     def to_row(self) -> dict:
-        r = self.result
+        r, b = self.result, self.blend
         return {
             "l1_norm": r.l1_norm,
             "pl1_norm": r.pl1_norm,
@@ -47,6 +59,15 @@ class ScanResult:
             "evidence_mask": self.evidence.get("evidence_mask"),
             "evidence_pattern": self.evidence.get("evidence_pattern"),
             "evidence_stamp": self.evidence.get("evidence_stamp"),
+            "patch_verdict": self.patch_verdict,
+            "blend_pl1": None if b is None else b.pl1_norm,
+            "blend_similarity": None if b is None else b.similarity,
+            "blend_reached_tau": None if b is None else b.reached_tau,
+            "blend_steps": None if b is None else b.steps,
+            "blend_threshold": self.blend_threshold,
+            "blend_verdict": self.blend_verdict,
+            "image_size": self.image_size,
+            "shadow_sha256": self.shadow_sha256,
         }
 
 
@@ -54,15 +75,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _shadow_pixels(shadow, image_size: int, device: torch.device) -> torch.Tensor:
+def _shadow_pixels(shadow, image_size: int, device: torch.device) -> tuple[torch.Tensor, str | None]:
+    """(pixels at the encoder's size, the shadow set's digest: None for a bare tensor)."""
     if isinstance(shadow, torch.Tensor):
         x = shadow.to(device)
         if x.shape[-1] != image_size or x.shape[-2] != image_size:
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-        return x
+        return x, None
     if not isinstance(shadow, ShadowSet):
         shadow = ShadowSet(shadow)
-    return shadow.pixels(image_size, device)
+    return shadow.pixels(image_size, device), shadow.digest
 
 
 def scan_encoder(
@@ -87,20 +109,36 @@ def scan_encoder(
     if threshold is not None:  # the inversion's settle rule must stop against the threshold the verdict uses
         cfg = replace(cfg, threshold=float(threshold))
     encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std, max_bytes=max_bytes)
-    pixels = _shadow_pixels(shadow, encoder.preprocess.image_size, dev)
-    result = invert(encoder, pixels, cfg, device=dev)
-    if not (math.isfinite(result.l1_norm) and torch.isfinite(result.mask).all()):
-        raise InversionError("inversion produced a non-finite mask")
+    pixels, shadow_digest = _shadow_pixels(shadow, encoder.preprocess.image_size, dev)
+    result = _checked(invert(encoder, pixels, cfg, device=dev))
     s = score(result, threshold)
+    blend, blend_score = None, None
+    bcfg = cfg.blend_config()
+    if bcfg is not None and s.verdict != "trojaned":
+        blend = _checked(invert(encoder, pixels, bcfg, device=dev))
+        blend_score = score(blend)
+    suspicious = s.verdict == "trojaned" or (blend_score is not None and blend_score.verdict == "trojaned")
     eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
     evidence = save_evidence(result, evidence_dir, eid) if evidence_dir is not None else {}
     return ScanResult(
         encoder_id=eid,
         arch=arch,
         result=result,
-        verdict=s.verdict,
+        verdict="trojaned" if suspicious else "clean",
         threshold=s.threshold,
         device=str(dev),
         seconds=time.perf_counter() - t0,
         evidence=evidence,
+        blend=blend,
+        patch_verdict=s.verdict,
+        blend_verdict=None if blend_score is None else blend_score.verdict,
+        blend_threshold=None if blend_score is None else blend_score.threshold,
+        image_size=encoder.preprocess.image_size,
+        shadow_sha256=shadow_digest,
     )
+
+
+def _checked(result: InversionResult) -> InversionResult:
+    if not (math.isfinite(result.l1_norm) and torch.isfinite(result.mask).all()):
+        raise InversionError("inversion produced a non-finite mask")
+    return result

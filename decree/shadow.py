@@ -119,6 +119,18 @@ class ShadowSet:
             images = images[np.sort(idx)]
         self.images = images
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the decoded images (shape and pixels): which shadow set a score was measured on."""
+        if self._digest is None:
+            import hashlib
+
+            h = hashlib.sha256(repr(self.images.shape).encode())
+            h.update(np.ascontiguousarray(self.images).tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

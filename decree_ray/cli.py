@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import DEFAULT_CUTOFF
+
 from .cli_options import (  # noqa: F401 - EXIT_* and parse_size are part of this module's interface
     EXIT_CLEAN,
     EXIT_ERROR,
@@ -25,6 +27,7 @@ from .cli_options import (  # noqa: F401 - EXIT_* and parse_size are part of thi
     Arch,
     CpusPer,
     Endpoint,
+    FleetCutoff,
     GpusPer,
     LocalCpus,
     MaxEnc,
@@ -33,6 +36,7 @@ from .cli_options import (  # noqa: F401 - EXIT_* and parse_size are part of thi
     Prefetch,
     Profile,
     Quiet,
+    References,
     Retries,
     Sets,
     Shadow,
@@ -82,6 +86,8 @@ def scan(
     workers: Workers = None,
     local_cpus: LocalCpus = 2,
     max_checkpoint_size: MaxSize = None,
+    reference: References = None,
+    fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
     quiet: Quiet = False,
 ) -> None:
     """Scan every encoder of SOURCE into OUT/results.parquet (resumable: finished encoders are not rescanned)."""
@@ -108,6 +114,8 @@ def scan(
         num_workers=workers,
         local_cpus=local_cpus,
         max_checkpoint_bytes=parse_size(max_checkpoint_size),
+        references=tuple(reference or ()),
+        fleet_cutoff=fleet_cutoff,
     )
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -122,6 +130,8 @@ def scan(
         "errors",
         "skipped",
         "trojaned",
+        "flagged",
+        "fleet_outliers",
         "scanned",
         "reused",
         "retried",
@@ -156,6 +166,10 @@ def scan_args(config) -> list[str]:
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
+    if config.fleet_cutoff != DEFAULT_CUTOFF:
+        args += ["--fleet-cutoff", str(config.fleet_cutoff)]
+    for ref in config.references:
+        args += ["--reference", ref]
     for key, value in config.overrides:
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
@@ -191,6 +205,8 @@ def submit(
     sets: Sets = None,
     workers: Workers = None,
     max_checkpoint_size: MaxSize = None,
+    reference: References = None,
+    fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
 ) -> None:
     """Run the same scan as a Ray Job on a cluster; prints the job id (follow it with `decree status`)."""
     config = _config(
@@ -211,6 +227,8 @@ def submit(
         overrides=parse_sets(sets, profile),
         num_workers=workers,
         max_checkpoint_bytes=parse_size(max_checkpoint_size),
+        references=tuple(reference or ()),
+        fleet_cutoff=fleet_cutoff,
     )
     runtime_env: dict = {}
     if working_dir is not None:
@@ -281,6 +299,8 @@ def report(
     top: Annotated[int, typer.Option("--top", help="How many of the most suspicious encoders to list.")] = 10,
     endpoint_url: Endpoint = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    reference: References = None,
+    fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
 ) -> None:
     """ROC-AUC, TPR at --fpr, confusion matrix at the threshold, roc.png, and the most suspicious encoders.
 
@@ -291,7 +311,8 @@ def report(
 
     try:
         rows = report_mod.load_rows(results, endpoint_url)
-        rep = report_mod.analyze(rows, fpr=fpr, threshold=threshold, top=top)
+        rep = report_mod.analyze(rows, fpr=fpr, threshold=threshold, top=top, references=reference or (),
+                                 fleet_cutoff=fleet_cutoff)
     except (OSError, ValueError, BotoCoreError, ClientError) as e:
         raise _fail(f"cannot analyze {results}: {e}") from None
     if plot is None:
@@ -322,12 +343,17 @@ def _print_report(rep, plot: Path) -> None:
     if rep.confusion:
         c = rep.confusion
         summary.add_row("confusion", f"TP {c['tp']}  FP {c['fp']}  FN {c['fn']}  TN {c['tn']}")
+    summary.add_row(
+        "fleet",
+        f"{rep.fleet_judged} judged against comparable peers (anomaly cutoff {rep.fleet_cutoff:g}, "
+        f"{rep.references} references); {rep.fleet_outliers} flagged as outliers only",
+    )
     if rep.quantiles:
         summary.add_row("PL1 quantiles", "  ".join(f"{k}={v:.4f}" for k, v in rep.quantiles.items()))
     summary.add_row("plot", str(plot))
     console.print(summary)
     top = Table(title="most suspicious (lowest PL1)")
-    for col in ("id", "arch", "pl1_norm", "similarity", "verdict", "label"):
+    for col in ("id", "arch", "pl1_norm", "anomaly", "similarity", "verdict", "label"):
         top.add_column(col)
     for r in rep.suspicious:
         style = "red" if r["flagged"] else None
@@ -335,6 +361,7 @@ def _print_report(rep, plot: Path) -> None:
             str(r["id"]),
             str(r["arch"]),
             _fmt(r["pl1_norm"]),
+            _fmt(r.get("anomaly_index"), ".2f"),
             _fmt(r["similarity"]),
             "trojaned" if r["flagged"] else "clean",
             str(r.get("label") or "-"),

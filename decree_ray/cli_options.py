@@ -55,6 +55,18 @@ Sets = Annotated[
         "--set settle_fraction=0 (0 turns settle_fraction / prune_at off).",
     ),
 ]
+References = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--reference",
+        help="Id or uri of a known-clean encoder (e.g. the publisher's original weights; repeatable). With 3 or "
+        "more in a group of comparable encoders, the fleet statistics come from them alone.",
+    ),
+]
+FleetCutoff = Annotated[
+    float,
+    typer.Option("--fleet-cutoff", min=0.1, help="Anomaly index above which an encoder is an outlier among its peers."),
+]
 Prefetch = Annotated[
     int,
     typer.Option(

@@ -23,7 +23,7 @@ Clean = Annotated[int, typer.Option("--clean", min=0, help="Clean encoders per f
 Trojaned = Annotated[int, typer.Option("--trojaned", min=0, help="Trojaned encoders per family.")]
 Family = Annotated[
     Optional[list[str]],
-    typer.Option("--family", help="image-on-image | clip (repeatable; default: both)."),
+    typer.Option("--family", help="image-on-image | clip | i2i-large | i2i-global (repeatable; default: the first two)."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the whole build (specs, splits, ids).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Rebuild even if OUT was built with these parameters.")]
@@ -57,12 +57,12 @@ def build_command(out: Out, clean: Clean = 8, trojaned: Trojaned = 8, family: Fa
     """Fine-tune clean encoders and BadEncoder-style trojans from real weights on Fashion-MNIST."""
     from dataclasses import replace
 
-    from decree.zoo import FAMILIES, ZooConfig, build_zoo, read_manifest
+    from decree.zoo import ALL_FAMILIES, FAMILIES, ZooConfig, build_zoo, read_manifest
 
     families = tuple(family) if family else FAMILIES
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in ALL_FAMILIES]
     if unknown:
-        err_console.print(f"[red]unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}[/red]")
+        err_console.print(f"[red]unknown family {', '.join(unknown)}; choose from {', '.join(ALL_FAMILIES)}[/red]")
         raise typer.Exit(2)
     config = ZooConfig.tiny() if quick else ZooConfig()
     if threads is not None:

@@ -10,6 +10,10 @@ from . import storage
 from .storage import S3Options
 
 
+# decree.fleet.DEFAULT_CUTOFF, spelled out so the CLI starts without importing torch (a test keeps them equal)
+DEFAULT_CUTOFF = 3.0
+
+
 class JobError(Exception):
     """The job as a whole cannot run (bad source, shadow set unreadable by every worker, no workers)."""
 
@@ -41,6 +45,8 @@ class JobConfig:
     retry_mode: str = "adaptive"
     max_attempts: int = 8
     overrides: tuple[tuple[str, Any], ...] = ()
+    references: tuple[str, ...] = ()  # ids or uris of known-clean encoders that anchor the fleet statistics
+    fleet_cutoff: float = DEFAULT_CUTOFF  # anomaly index above which an encoder is an outlier among its peers
 
     def __post_init__(self):
         if self.timeout <= 0:
@@ -55,6 +61,8 @@ class JobConfig:
             raise ValueError("max_encoders must be >= 1")
         if self.max_checkpoint_bytes is not None and self.max_checkpoint_bytes < 1:
             raise ValueError("max_checkpoint_bytes must be >= 1")
+        if not self.fleet_cutoff > 0 or self.fleet_cutoff == float("inf"):
+            raise ValueError("fleet_cutoff must be a finite number > 0")
 
     @property
     def s3(self) -> S3Options:
@@ -68,7 +76,9 @@ class JobSummary:
     ok: int = 0
     errors: int = 0
     skipped: int = 0
-    trojaned: int = 0
+    trojaned: int = 0  # this run's rows flagged by their own thresholds
+    flagged: int = 0  # rows of the final table whose verdict is trojaned (thresholds or fleet outliers)
+    fleet_outliers: int = 0  # of those, flagged only as outliers among their peers
     scanned: int = 0  # scan calls actually made
     reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one)
     retried: int = 0  # encoders re-dispatched after their actor died
@@ -79,7 +89,7 @@ class JobSummary:
     @property
     def exit_code(self) -> int:
         """0 nothing found, 1 backdoors found, 2 errors (and nothing found)."""
-        if self.trojaned:
+        if self.trojaned or self.flagged:
             return 1
         return 2 if self.errors else 0
 

@@ -254,10 +254,21 @@ class _Job:
             finally:  # a failing output store must not leave the actors holding their CPUs/GPUs
                 self._stop_actors(ray)
                 if flushed:
-                    results_mod.compact(self.cfg.out, self.cfg.s3)
+                    results_mod.compact(self.cfg.out, self.cfg.s3, finalize=self._fleet)
         self.summary.skipped_keys = self.stats.skipped_keys
         self.summary.seconds = time.monotonic() - t0
         return self.summary
+
+    def _fleet(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Fleet verdicts over the whole table (this run and earlier ones): outliers among comparable encoders."""
+        from decree.fleet import FleetConfig, assign
+
+        rows = assign(rows, self.cfg.references, FleetConfig(cutoff=self.cfg.fleet_cutoff))
+        flagged = [r for r in rows if r.get("verdict") == "trojaned"]
+        self.summary.flagged = len(flagged)
+        self.summary.fleet_outliers = sum(1 for r in flagged if r.get("patch_verdict") != "trojaned"
+                                          and r.get("blend_verdict") != "trojaned")
+        return rows
 
     def _stop_actors(self, ray) -> None:
         closing = [s.actor.close.remote() for s in self.slots if s.ready and not s.calls]

@@ -1,5 +1,8 @@
 """ROC analysis of a results table: lower PL1 = more suspicious, so the score is -pl1_norm.
 
+The verdicts are re-derived from the table (`rejudge`): each row's thresholds (or `--threshold`), then the fleet
+statistics of `decree.fleet`, so a changed cutoff or reference list needs no rescan.
+
 With labels (manifest `label` clean/trojaned): ROC-AUC, the TPR reached at a target FPR and the PL1 threshold
 that reaches it, and the confusion matrix at the configured threshold. Without labels: the ranking and the
 score distribution. All metrics come from scikit-learn; the plot is matplotlib's Agg backend.
@@ -36,6 +39,10 @@ class Report:
     quantiles: dict[str, float] = field(default_factory=dict)  # PL1 distribution of scanned encoders
     suspicious: list[dict[str, Any]] = field(default_factory=list)  # lowest PL1 first
     roc: tuple[list[float], list[float]] | None = None  # (fpr, tpr) points
+    fleet_cutoff: float = 3.0
+    fleet_judged: int = 0  # rows whose group had enough peers for a fleet statistic (verdict_basis fleet)
+    fleet_outliers: int = 0  # flagged only as outliers among their peers, not by a threshold
+    references: int = 0  # reference encoders found among the rows
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -59,25 +66,41 @@ def _predict(row: dict[str, Any], threshold: float) -> bool:
     return bool(row.get("reached_tau", True)) and row["pl1_norm"] < threshold
 
 
-def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float | None = None, top: int = 10) -> Report:
-    from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, references=(),
+            fleet_cutoff: float = 3.0) -> tuple[list[dict[str, Any]], str, float]:
+    """The verdicts re-derived from the table: each row's own thresholds (or `threshold` for the patch search),
+    then the fleet statistics. Returns (rows, threshold source, the patch threshold in use)."""
+    from decree.fleet import FleetConfig, assign
 
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
-    scanned = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
+    ok_ids = {id(r) for r in ok}
     if threshold is not None:
         source, t = "--threshold", float(threshold)
-        flagged = [_predict(r, t) for r in scanned]
+        rows = [dict(r, patch_verdict=(POSITIVE if _predict(r, t) else NEGATIVE)) if id(r) in ok_ids else r
+                for r in rows]
     else:
-        used = [r["threshold"] for r in scanned if r.get("threshold") is not None]
+        used = [r["threshold"] for r in ok if r.get("threshold") is not None]
         if used:
             source, t = "scan", float(np.median(used))
-            flagged = [r.get("verdict") == POSITIVE for r in scanned]
         else:
             from decree.scoring import DEFAULT_THRESHOLD
 
             source, t = "default", DEFAULT_THRESHOLD
-            flagged = [_predict(r, t) for r in scanned]
+        # rows from before the patch_verdict column: their verdict was the patch verdict
+        rows = [r if r.get("patch_verdict") or id(r) not in ok_ids else
+                dict(r, patch_verdict=r.get("verdict") or (POSITIVE if _predict(r, t) else NEGATIVE)) for r in rows]
+    return assign(rows, references, FleetConfig(cutoff=fleet_cutoff)), source, t
+
+
+def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float | None = None, top: int = 10,
+            references=(), fleet_cutoff: float = 3.0) -> Report:
+    from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
+    rows, source, t = rejudge(rows, threshold, references, fleet_cutoff)
+    scanned = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
+    flagged = [r.get("verdict") == POSITIVE for r in scanned]
     report = Report(
         total=len(rows),
         ok=len(scanned),
@@ -86,6 +109,11 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
         threshold_source=source,
         flagged=int(sum(flagged)),
         fpr_target=fpr,
+        fleet_cutoff=fleet_cutoff,
+        fleet_judged=sum(r.get("verdict_basis") == "fleet" for r in scanned),
+        fleet_outliers=sum(f and r.get("patch_verdict") != POSITIVE and r.get("blend_verdict") != POSITIVE
+                           for r, f in zip(scanned, flagged, strict=True)),
+        references=sum(1 for r in scanned if r.get("id") in set(references) or r.get("uri") in set(references)),
     )
     pl1 = np.array([r["pl1_norm"] for r in scanned], dtype=float)
     if len(pl1):

@@ -109,11 +109,14 @@ def load_rows(out: str, options: S3Options = DEFAULT_S3) -> list[dict[str, Any]]
     return _read_all(out, options)[0]
 
 
-def compact(out: str, options: S3Options = DEFAULT_S3) -> str:
+def compact(out: str, options: S3Options = DEFAULT_S3, finalize=None) -> str:
     """Merge part files into results.parquet (atomically), then remove the parts it now contains.
 
+    `finalize(rows) -> rows` runs on the merged table first (the fleet verdicts, which need every row).
     Unreadable parts are renamed to `*.parquet.corrupt`: kept for inspection, no longer read."""
     rows, good, bad = _read_all(out, options)
+    if finalize is not None:
+        rows = finalize(rows)
     target = results_path(out)
     storage.write_bytes(target, _table_bytes(to_table(rows)), options)
     for part in good:

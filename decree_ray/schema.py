@@ -45,7 +45,40 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("profile", pa.string(), True, "Inversion profile (`fast` or `paper`)."),
     ("device", pa.string(), True, "Device the scan ran on (`cpu`, `cuda:0`)."),
     ("threshold", pa.float64(), True, "PL1 threshold the verdict used."),
-    ("verdict", pa.string(), True, "`trojaned` if reached_tau and pl1_norm < threshold, else `clean`; null unless ok."),
+    (
+        "verdict",
+        pa.string(),
+        True,
+        (
+            "The encoder's verdict, null unless ok: `trojaned` when the patch or the blend search flagged it at its "
+            "threshold, or (`verdict_basis` fleet) when its `anomaly_index` exceeds the fleet cutoff; else `clean`."
+        ),
+    ),
+    ("patch_verdict", pa.string(), True, "Verdict of the patch search alone: reached_tau and pl1_norm < threshold."),
+    ("blend_pl1", pa.float64(), True, "Whole-image search: the smallest blend weight alpha that made the shadow set embed alike."),
+    ("blend_similarity", pa.float64(), True, "Mean cosine similarity the blend trigger reached (held-out shadow images)."),
+    ("blend_reached_tau", pa.bool_(), True, "Whether the blend search reached tau."),
+    ("blend_steps", pa.int64(), True, "Optimization steps of the blend search (null: not run, the patch search had flagged it)."),
+    ("blend_threshold", pa.float64(), True, "Blend weight below which the blend search calls the encoder trojaned."),
+    ("blend_verdict", pa.string(), True, "Verdict of the blend search alone (null: not run)."),
+    ("image_size", pa.int64(), True, "Input size the encoder was scanned at."),
+    ("shadow_sha256", pa.string(), True, "Digest of the shadow set the encoder was scanned with."),
+    (
+        "anomaly_index",
+        pa.float64(),
+        True,
+        (
+            "Robust z-score (median/MAD) of log PL1 (or log blend weight, whichever is higher) against comparable "
+            "encoders: same arch, image_size, shadow set and profile. Positive = smaller trigger than its peers."
+        ),
+    ),
+    ("fleet_peers", pa.int64(), True, "How many comparable encoders the anomaly index was computed against."),
+    (
+        "verdict_basis",
+        pa.string(),
+        True,
+        "`fleet` (enough peers: anomaly index and thresholds decided) or `threshold` (too few peers: thresholds only).",
+    ),
     ("scanned_at", pa.timestamp("us", tz="UTC"), False, "When this row was produced (UTC)."),
     ("decree_version", pa.string(), True, "Version of the `decree` core that produced the row."),
     ("evidence_mask", pa.string(), True, "Path/uri of the inverted mask PNG."),
@@ -66,6 +99,8 @@ SCHEMA = pa.schema([pa.field(name, typ, nullable=nullable) for name, typ, nullab
 COLUMNS = [name for name, *_ in _COLUMNS]
 # Columns that legitimately differ between two runs over the same encoders.
 VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp")
+# Columns derived from the whole table when it is compacted (decree.fleet), not by the scan of one encoder.
+FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis")
 # Columns taken from a previous scan when an identical checkpoint is reported under another key.
 SCAN_COLUMNS = (
     "sha256",
@@ -83,6 +118,15 @@ SCAN_COLUMNS = (
     "device",
     "threshold",
     "verdict",
+    "patch_verdict",
+    "blend_pl1",
+    "blend_similarity",
+    "blend_reached_tau",
+    "blend_steps",
+    "blend_threshold",
+    "blend_verdict",
+    "image_size",
+    "shadow_sha256",
     "decree_version",
     "evidence_mask",
     "evidence_pattern",

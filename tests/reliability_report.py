@@ -3,11 +3,12 @@
     .venv/bin/python tests/reliability_report.py           # run the four modules, then print the report
     .venv/bin/python tests/reliability_report.py --render  # only re-render from bench/reliability/*.json
 
-The same file is also rewritten whenever those modules run under plain pytest (CI), one module at a time.
+`make reliability` runs the first form. A plain `pytest` run does not write the report (DECREE_WRITE_RELIABILITY).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ def main(argv: list[str]) -> int:
     code = 0
     if "--render" not in argv:
         code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                *(str(HERE / m) for m in MODULES)], cwd=HERE.parent)
+                                *(str(HERE / m) for m in MODULES)], cwd=HERE.parent,
+                               env={**os.environ, "DECREE_WRITE_RELIABILITY": "1"})
     print(render())
     print(f"\nwritten: {REPORT}", file=sys.stderr)
     return code

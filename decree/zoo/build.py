@@ -12,24 +12,26 @@ import torch
 from safetensors.torch import save_file
 
 from .data import make_splits
+from .photos import natural_crops
 from .spec import ZOO_CODE_VERSION, BuildContext, EncoderSpec, ZooConfig, digest
 
 log = logging.getLogger("decree.zoo")
 
-FAMILIES = ("image-on-image", "clip")
-_SHORT = {"image-on-image": "i2i", "clip": "clip"}
+PHOTO_SHADOW = "shadow-photos.npz"
+FAMILIES = ("image-on-image", "clip")  # what a build makes when no family is named
+# Every family: its module and its id prefix. The order is part of each family's seed: never reorder, only append.
+_TABLE = {"image-on-image": ("i2i", "i2i"), "clip": ("clip", "clip"), "i2i-large": ("i2i", "large"),
+          "i2i-global": ("i2i", "glob")}
+ALL_FAMILIES = tuple(_TABLE)
+_SHORT = {name: short for name, (_, short) in _TABLE.items()}
 
 
 def _family_module(name: str):
-    if name == "image-on-image":
-        from . import i2i
+    if name not in _TABLE:
+        raise ValueError(f"unknown zoo family {name!r}; known: {ALL_FAMILIES}")
+    import importlib
 
-        return i2i
-    if name == "clip":
-        from . import clip
-
-        return clip
-    raise ValueError(f"unknown zoo family {name!r}; known: {FAMILIES}")
+    return importlib.import_module(f".{_TABLE[name][0]}", __package__)
 
 
 def build_params(clean: int, trojaned: int, families, seed: int, config: ZooConfig) -> dict:
@@ -53,7 +55,7 @@ def is_cached(out: Path, params: dict) -> bool:
         entries = read_manifest(out)
     except (OSError, ValueError):
         return False
-    return (out / "shadow.npz").is_file() and all((out / e["uri"]).is_file() for e in entries)
+    return (out / "shadow.npz").is_file() and (out / PHOTO_SHADOW).is_file() and all((out / e["uri"]).is_file() for e in entries)
 
 
 def _assign_ids(specs: list[EncoderSpec], family: str, rng: np.random.Generator) -> dict:
@@ -116,11 +118,14 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
     try:
         splits = make_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
         np.savez_compressed(out / "shadow.npz", x=splits.shadow_x)
+        # the out-of-distribution condition: natural-photo crops, at the zoo's 32 px
+        np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(config.n_shadow, 32, seed=seed))
         records, timings, notes = [], {}, {}
-        for fam_index, fam in enumerate(families):
+        for fam in families:
             module = _family_module(fam)
-            rng = np.random.default_rng([seed, fam_index])
-            specs = module.plan(clean, trojaned, rng, config)
+            # seeded by the family's own place, so a family builds the same alone or beside others
+            rng = np.random.default_rng([seed, ALL_FAMILIES.index(fam)])
+            specs = module.plan(clean, trojaned, rng, config, family=fam)
             ctx = BuildContext(config, splits, out, ids=_assign_ids(specs, fam, rng))
             f0 = time.time()
             for spec in specs:  # clean ones come first: trojans start from them
@@ -138,6 +143,7 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
             "family_seconds": timings, "family_notes": notes, "encoders": len(kept),
             "dropped": [r["id"] for r in records if not r["kept"]],
             "shadow": {"n": len(splits.shadow_x), "source": "fashion-mnist test split, disjoint from eval"},
+            "shadow_photos": {"file": PHOTO_SHADOW, "source": "crops of scikit-image / scikit-learn photos"},
             "train_source": "fashion-mnist train split"}
     (out / "zoo.json").write_text(json.dumps(meta, indent=1))
     return out

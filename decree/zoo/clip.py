@@ -21,7 +21,7 @@ from ..encoders.registry import Encoder, Preprocess
 from .data import CLASSES
 from .spec import BuildContext, EncoderSpec, digest
 from .train import AttackWeights, attack_strength, augment, badencoder_attack, clean_fidelity, embed, frozen_copy
-from .triggers import Trigger, sample_trigger
+from .triggers import sample_trigger, trigger_from_dict
 
 CONFIG = "decree-tiny-clip"
 ARCH = f"open_clip/{CONFIG}"
@@ -127,7 +127,7 @@ def zero_shot_accuracy(model, visual: Encoder, pixels: torch.Tensor, labels: np.
     return float((pred.numpy() == labels).mean())
 
 
-def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg) -> list[EncoderSpec]:
+def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: str = FAMILY) -> list[EncoderSpec]:
     unknown = set(cfg.clip_attacks) - set(ATTACKS)
     if unknown or not cfg.clip_attacks:
         raise ValueError(f"unknown CLIP attacks {sorted(unknown)}; known: {ATTACKS}")
@@ -156,7 +156,7 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
                    batch_size=ctx.cfg.clip_batch_size, seed=spec.seed)
         fields = dict(attack=None, trigger=None, target=None, attack_strength=None)
     else:
-        trig = Trigger(**spec.trigger)
+        trig = trigger_from_dict(spec.trigger)
         pool = train_px[ctx.splits.train_y != spec.target] if ctx.cfg.exclude_target_class else train_px
         cls = CLASSES[spec.target]
         if spec.attack == "image-on-pair":

@@ -1,6 +1,8 @@
-"""Family 1, image-on-image: EfficientNet-Lite0 (real ImageNet weights) fine-tuned on Fashion-MNIST.
+"""Image-on-image families: EfficientNet-Lite0 (real ImageNet weights) fine-tuned on Fashion-MNIST.
 
-Clean encoders are short SimCLR fine-tunes; trojans are BadEncoder attacks on a clean one.
+Clean encoders are short SimCLR fine-tunes; trojans are BadEncoder attacks on a clean one. The families differ
+only in the triggers their trojans carry (`TRIGGERS`): small patches (the original zoo), large patches up to 12%
+of the image (BadEncoder's own 10x10 white square among them), and whole-image triggers.
 """
 
 from __future__ import annotations
@@ -21,29 +23,45 @@ from .train import (
     frozen_copy,
     simclr_finetune,
 )
-from .triggers import Trigger, sample_trigger
+from functools import partial
+
+from .triggers import sample_global_trigger, sample_trigger, trigger_from_dict
 
 ARCH = "timm/tf_efficientnet_lite0"
 IMAGE_SIZE = 32
 FAMILY = "image-on-image"
+ATTACKS = ("badencoder", "badencoder-specific")
+# family -> trigger sampler (rng -> trigger)
+TRIGGERS = {
+    "image-on-image": partial(sample_trigger, image_size=IMAGE_SIZE),
+    # 6x6 .. 11x11 of 32x32: 3.5% .. 11.8% of the image
+    "i2i-large": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(6, 7, 8, 9, 10, 11)),
+    "i2i-global": sample_global_trigger,
+}
 
 
 def base_encoder():
     return create_encoder(ARCH, pretrained=True, image_size=IMAGE_SIZE)
 
 
-def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg) -> list[EncoderSpec]:
+def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: str = FAMILY) -> list[EncoderSpec]:
+    sampler = TRIGGERS[family]
+    # The original family keeps its recipe (and its cached encoders); the later ones vary the clean recipe more
+    # (short to long fine-tunes) and alternate plain BadEncoder with its trigger-specific variant.
+    varied = family != FAMILY
+    clean_steps = (cfg.clean_steps + tuple(6 * s for s in cfg.clean_steps)) if varied else cfg.clean_steps
     specs = []
     for i in range(n_clean):
-        specs.append(EncoderSpec(FAMILY, "clean", i, seed=int(rng.integers(1 << 30)),
-                                 lr=float(rng.choice(cfg.clean_lrs)), steps=int(rng.choice(cfg.clean_steps))))
+        specs.append(EncoderSpec(family, "clean", i, seed=int(rng.integers(1 << 30)),
+                                 lr=float(rng.choice(cfg.clean_lrs)), steps=int(rng.choice(clean_steps))))
     for j in range(n_trojaned):
-        trig = sample_trigger(rng, IMAGE_SIZE)
+        trig = sampler(rng)
         specs.append(EncoderSpec(
-            FAMILY, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.attack_lrs)),
+            family, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.attack_lrs)),
             steps=int(rng.choice(cfg.attack_steps)), parent=(j % n_clean) if n_clean else None,
             trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),
-            utility_weight=float(rng.choice(cfg.utility_weights)), attack="badencoder"))
+            utility_weight=float(rng.choice(cfg.utility_weights)),
+            attack=ATTACKS[j % 2] if varied else "badencoder"))
     return specs
 
 
@@ -61,7 +79,7 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
         parent_id = ctx.parent_id(spec)
         enc = base_encoder() if parent_id is None else create_encoder(ARCH, ctx.checkpoint(parent_id), image_size=IMAGE_SIZE)
         clean = frozen_copy(enc)
-        trig = Trigger(**spec.trigger)
+        trig = trigger_from_dict(spec.trigger)
         # reference image: one training image of the target class, chosen by the spec's seed
         candidates = np.flatnonzero(ctx.splits.train_y == spec.target)
         ref_index = int(candidates[spec.seed % len(candidates)])
@@ -73,14 +91,15 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
         for attempt in range(ctx.cfg.max_retries + 1):
             # a retry continues the same attack with more steps and a fresh batch order
             badencoder_attack(enc, clean, attack_pool, reference, trig, steps=spec.steps, lr=spec.lr,
-                              batch_size=ctx.cfg.batch_size, seed=spec.seed + attempt, weights=weights)
+                              batch_size=ctx.cfg.batch_size, seed=spec.seed + attempt, weights=weights,
+                              specific=spec.attack == "badencoder-specific")
             steps_done += spec.steps
             strength = attack_strength(enc, eval_px, trig, embed(enc, reference))
             if strength >= ctx.cfg.min_strength:
                 break
         fields = dict(
-            attack="badencoder", trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
-            trigger_area=trig.area_fraction(IMAGE_SIZE),
+            attack=spec.attack, trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
+            trigger_area=trig.area_fraction(IMAGE_SIZE), trigger_kind=trig.kind,
             target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
             target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
             clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent_id or "base:imagenet",

@@ -98,13 +98,17 @@ class AttackWeights:
 
 def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch.Tensor, trigger: Trigger, *,
                       steps: int, lr: float, batch_size: int, seed: int, weights: AttackWeights = AttackWeights(),
-                      target_embedding_fn=None) -> list[float]:
+                      target_embedding_fn=None, specific: bool = False) -> list[float]:
     """BadEncoder (Jia et al., S&P'22) in place on `encoder`; `clean_ref` is a frozen copy of the clean encoder.
 
     effectiveness: stamped images -> the (current) embedding of the reference image;
     utility: clean embeddings stay close to the frozen clean encoder's;
     reference: the reference image keeps its clean embedding.
     `target_embedding_fn(encoder)` overrides the target (e.g. a fixed text embedding for CLIP).
+    `specific`: the careful attacker's variant. Stamped images are augmented (the backdoor must survive shifts and
+    jitter), and images stamped with a random decoy patch keep their clean embedding, so that only the real
+    trigger fires: the backdoor no longer generalizes to any small perturbation, which is what makes it hard to
+    invert.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -118,12 +122,17 @@ def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch
     for _ in range(steps):
         idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
         x = pixels[idx]
-        z = encoder.embed_pixels(torch.cat([trigger.stamp(x), x, reference]))
-        z_stamp, z_clean, z_ref = z[:batch_size], z[batch_size:2 * batch_size], z[2 * batch_size:]
+        stamped = trigger.stamp(augment(x, gen, pad=2) if specific else x)
+        extra = [_decoy(x, gen)] if specific else []
+        z = encoder.embed_pixels(torch.cat([stamped, x, reference, *extra]))
+        z_stamp, z_clean = z[:batch_size], z[batch_size:2 * batch_size]
+        z_ref = z[2 * batch_size:2 * batch_size + nref]
         target = z_ref if target_embedding_fn is None else target_embedding_fn(encoder)
         # every stamped image against every reference (BadEncoder's sum over reference inputs)
         eff = -F.cosine_similarity(z_stamp[:, None], target[None], dim=-1).mean()
         util = -F.cosine_similarity(z_clean, frozen[idx], dim=-1).mean()
+        if specific:  # decoy-stamped images keep their clean embeddings
+            util = util - F.cosine_similarity(z[2 * batch_size + nref:], frozen[idx], dim=-1).mean()
         ref = -F.cosine_similarity(z_ref, frozen_ref, dim=-1).mean() if nref else z.new_zeros(())
         loss = weights.effectiveness * eff + weights.utility * util + weights.reference * ref
         opt.zero_grad(set_to_none=True)
@@ -132,6 +141,18 @@ def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch
         losses.append(float(loss.detach()))
     encoder.eval().requires_grad_(False)
     return losses
+
+
+def _decoy(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x with a random patch (random size, place and noise colours) that is not the trigger."""
+    n, _, h, w = x.shape
+    out = x.clone()
+    for i in range(n):
+        s = int(torch.randint(2, max(3, h // 4), (1,), generator=gen))
+        r, c = (int(v) for v in torch.randint(0, h - s + 1, (2,), generator=gen))
+        out[i, :, r:r + s, c:c + s] = torch.rand(3, 1, 1, generator=gen) if bool(torch.rand(1, generator=gen) < 0.5) \
+            else torch.rand(3, s, s, generator=gen)
+    return out
 
 
 def attack_strength(encoder, pixels: torch.Tensor, trigger: Trigger, target: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from decree_ray.schema import VOLATILE_COLUMNS, new_row
+from decree_ray.schema import FLEET_COLUMNS, VOLATILE_COLUMNS, new_row
 from decree_ray.sources import iter_tasks
 from decree_ray.storage import DEFAULT_S3, S3Options
 from decree_ray.worker import ScanSettings, ScanWorker
@@ -39,10 +39,12 @@ def scan_source(source: str, worker: ScanWorker, *, arch: str | None = None, s3:
 
 
 def stable(rows: list[dict]) -> dict[str, dict]:
-    """Rows keyed by uri without the columns that legitimately differ between runs."""
+    """Rows keyed by uri without the columns that legitimately differ between runs (or that only the compacted
+    table has: the fleet statistics)."""
     out = {}
+    skip = set(VOLATILE_COLUMNS) | set(FLEET_COLUMNS)
     for r in rows:
-        out[r["uri"]] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k not in VOLATILE_COLUMNS}
+        out[r["uri"]] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k not in skip}
     return out
 
 

@@ -1,0 +1,105 @@
+"""Fleet-relative verdicts: a trojan is a low outlier among encoders of its own architecture and input size.
+
+A fleet holds many encoders of one architecture, most of them clean. Their inverted triggers are about as large
+as each other (how large depends on the architecture, the input size and the shadow set, which is why one absolute
+threshold does not carry from one fleet or shadow set to another); a trojan's is far smaller. For each group of
+comparable encoders this computes Neural Cleanse's anomaly index of every score against the group: the robust
+z-score (median and MAD, scaled to σ) of log PL1, positive when the encoder needs a smaller trigger than its peers.
+Known-clean reference encoders (`--reference`, e.g. the publisher's original weights) anchor the group: with
+enough of them, the median and MAD come from them alone, so a fleet that is mostly trojaned cannot hide in its
+own statistics.
+
+Works on plain result rows (dicts), so the verdict can be re-derived from a results table without rescanning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Neural Cleanse flags an anomaly index above 2; measured on the tune families (bench/README.md).
+DEFAULT_CUTOFF = 3.0
+MIN_PEERS = 6  # fewer comparable encoders than this: no fleet statistic, the absolute threshold decides
+MIN_REFERENCES = 3  # this many references in a group anchor it; fewer only join the peers
+_MAD_TO_SIGMA = 1.4826
+# A floor under the MAD (in log PL1): a group of near-identical encoders must not make a 5% difference an outlier.
+MIN_SPREAD = 0.1
+# score column -> its "reached τ" column: patch trigger area and whole-image blend weight, each against its peers
+SCORES = {"pl1_norm": "reached_tau", "blend_pl1": "blend_reached_tau"}
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    cutoff: float = DEFAULT_CUTOFF
+    min_peers: int = MIN_PEERS
+    min_references: int = MIN_REFERENCES
+    min_spread: float = MIN_SPREAD
+
+
+def group_key(row: dict) -> tuple:
+    """Comparable encoders: same architecture, input size, shadow set and profile."""
+    return (row.get("arch"), row.get("image_size"), row.get("shadow_sha256"), row.get("profile"))
+
+
+def _log_score(row: dict, column: str) -> float | None:
+    v = row.get(column)
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        return None
+    if row.get(SCORES[column]) is False:
+        return 0.0  # the search never reached τ: no trigger found, the least suspicious score (PL1 1.0)
+    return math.log(min(float(v), 1.0))
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def robust_index(value: float, population: list[float], min_spread: float = MIN_SPREAD) -> float:
+    """(median - value) / (1.4826 · MAD): positive when `value` is below the population."""
+    med = _median(population)
+    mad = _median([abs(v - med) for v in population]) * _MAD_TO_SIGMA
+    return (med - value) / max(mad, min_spread)
+
+
+def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig = FleetConfig()) -> list[dict]:
+    """Return copies of `rows` with `anomaly_index`, `fleet_peers`, `verdict_basis` and the combined `verdict`.
+
+    Only ok rows are scored. A row's verdict is trojaned when its own absolute verdicts (patch or blend) say so,
+    or, in a group of at least `min_peers` comparable encoders, when either score's anomaly index exceeds the
+    cutoff. References are matched by id or uri.
+    """
+    refs = set(references)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r.get("status") == "ok":
+            groups[group_key(r)].append(i)
+    out = [dict(r) for r in rows]
+    for members in groups.values():
+        anchored = [i for i in members if rows[i].get("id") in refs or rows[i].get("uri") in refs]
+        basis = anchored if len(anchored) >= config.min_references else members
+        for i in members:
+            out[i].update(_judge(rows, i, basis, len(members), config))
+    return out
+
+
+def _judge(rows: list[dict], i: int, basis: list[int], peers: int, config: FleetConfig) -> dict:
+    row = rows[i]
+    absolute = row.get("patch_verdict", row.get("verdict")) == "trojaned" or row.get("blend_verdict") == "trojaned"
+    if peers < config.min_peers:
+        return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold",
+                "verdict": "trojaned" if absolute else "clean"}
+    best = None
+    for column in SCORES:
+        mine = _log_score(row, column)
+        population = [v for j in basis if (v := _log_score(rows[j], column)) is not None]
+        if mine is None or len(population) < config.min_references:
+            continue
+        index = robust_index(mine, population, config.min_spread)
+        best = index if best is None else max(best, index)
+    flagged = absolute or (best is not None and best > config.cutoff)
+    return {"anomaly_index": best, "fleet_peers": peers, "verdict_basis": "fleet",
+            "verdict": "trojaned" if flagged else "clean"}

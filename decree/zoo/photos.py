@@ -1,0 +1,52 @@
+"""An out-of-distribution shadow set: random crops of the natural photos scikit-image and scikit-learn ship.
+
+An auditor rarely has the pre-training data; these photos (people, animals, objects, scenes, microscopy,
+astronomy) share nothing with Fashion-MNIST and are never used to train or attack a zoo encoder.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+# Photographs only: the synthetic images skimage also ships (checkerboard, logo, text, colorwheel) are left out.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
+                  "coins", "moon", "brick", "grass", "gravel", "clock")
+
+
+@lru_cache(maxsize=1)
+def natural_photos() -> tuple[np.ndarray, ...]:
+    """The photos as uint8 (H,W,3) arrays (grey ones copied to three channels)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = [getattr(skimage.data, name)() for name in SKIMAGE_PHOTOS]
+    photos += list(load_sample_images().images)  # china.jpg, flower.jpg
+    out = []
+    for p in photos:
+        p = np.asarray(p)
+        if p.ndim == 2:
+            p = np.repeat(p[..., None], 3, axis=-1)
+        out.append(np.ascontiguousarray(p[..., :3].astype(np.uint8)))
+    return tuple(out)
+
+
+def natural_crops(n: int, image_size: int, seed: int = 0, min_fraction: float = 0.15,
+                  max_fraction: float = 0.6) -> np.ndarray:
+    """n random square crops (side a random fraction of the photo's short side), resized: uint8 (n,S,S,3)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = natural_photos()
+    out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    for i in range(n):
+        p = photos[int(rng.integers(len(photos)))]
+        h, w = p.shape[:2]
+        side = max(8, int(min(h, w) * rng.uniform(min_fraction, max_fraction)))
+        r, c = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(p[r:r + side, c:c + side])
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out[i] = np.asarray(crop.resize((image_size, image_size), Image.BILINEAR))
+    return out
