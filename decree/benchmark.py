@@ -38,8 +38,9 @@ FPR_TARGET = 0.05
 CSV_FIELDS = (
     "id", "families", "attack", "label", "arch", "profile", "status", "pl1_norm", "score_pl1", "l1_norm",
     "similarity", "reached_tau", "steps", "epochs", "seconds", "load_seconds", "verdict", "threshold", "device",
-    "zoo", "zoo_hash", "config_hash", "error",
+    "zoo", "zoo_hash", "config_hash", "error", "shadow", "condition", "split", "zoo_family", "bucket", "image_size",
 )
+DEFAULT_SHADOWS = ("shadow.npz",)
 
 Log = Callable[[str], None]
 
@@ -116,7 +117,8 @@ def zoo_hash(zoo_dir: str | Path) -> str:
     """Content hash of the manifest, the shadow set and every checkpoint: a rebuilt zoo is a new zoo."""
     zoo = Path(zoo_dir)
     h = hashlib.sha256()
-    for path in [zoo / "manifest.jsonl", zoo / "shadow.npz", *(zoo / e["uri"] for e in read_zoo(zoo))]:
+    photos = [zoo / "shadow-photos.npz"] if (zoo / "shadow-photos.npz").is_file() else []
+    for path in [zoo / "manifest.jsonl", zoo / "shadow.npz", *photos, *(zoo / e["uri"] for e in read_zoo(zoo))]:
         h.update(path.name.encode())
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -157,7 +159,7 @@ def _coerce(row: dict) -> dict:
     for k in ("pl1_norm", "score_pl1", "l1_norm", "similarity", "seconds", "load_seconds", "threshold"):
         v = out.get(k)
         out[k] = float(v) if v not in (None, "") else None
-    for k in ("steps", "epochs"):
+    for k in ("steps", "epochs", "image_size"):
         v = out.get(k)
         out[k] = int(float(v)) if v not in (None, "") else None
     rt = out.get("reached_tau")
@@ -175,7 +177,7 @@ class RowLog:
         stale = []
         for r in old:
             if r.get("status") == "ok" and keys.get((r.get("zoo_hash"), r.get("profile"))) == r.get("config_hash"):
-                self.done[(r["id"], r["profile"])] = _coerce(r)
+                self.done[(r["id"], r["profile"], r.get("shadow") or DEFAULT_SHADOWS[0])] = _coerce(r)
             else:
                 stale.append(r)
         if path.is_file() and (stale or not resume):
@@ -197,12 +199,17 @@ class RowLog:
 
 
 def scan_row(entry: dict, shadow: ShadowSet, profile: str, cfg: InversionConfig, device: torch.device,
-             threshold: float) -> dict:
-    """One encoder × one profile -> a CSV row; a failure becomes an error row, never an abort."""
+             threshold: float, shadow_file: str = DEFAULT_SHADOWS[0]) -> dict:
+    """One encoder × one profile × one shadow set -> a CSV row; a failure becomes an error row, never an abort."""
+    from .generalization import bucket_of, condition_of, zoo_split
+
     zoo = entry["_zoo"]
     row = {"id": entry["id"], "zoo": str(zoo), "families": "|".join(families_of(entry)), "attack": entry.get("attack") or "",
            "label": entry.get("label", ""), "arch": entry.get("arch", ""), "profile": profile,
-           "device": str(device), "threshold": threshold}
+           "device": str(device), "threshold": threshold, "shadow": shadow_file,
+           "condition": condition_of(shadow_file), "split": zoo_split(zoo),
+           "zoo_family": entry.get("family") or "", "bucket": bucket_of(entry) or "",
+           "image_size": entry.get("image_size")}
     t0 = time.perf_counter()
     try:
         enc = create_encoder(entry["arch"], zoo / entry["uri"], image_size=entry.get("image_size"),
@@ -329,9 +336,12 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
                   paper_overrides: dict | None = None, fast_overrides: dict | None = None, device=None,
                   paper_max_steps: int | None = DEFAULT_PAPER_MAX_STEPS, limit: int | None = None,
                   families: Iterable[str] | None = None, threshold: float | None = None, resume: bool = True,
-                  profile_steps: int = 5, log: Log = _print) -> dict:
-    """Scan every encoder of the zoo(s) with every profile; write OUT/{results.json, encoders.csv, RESULTS.md, roc.png,
-    profile.txt}; return the results dict. `zoo_dir`: a zoo folder or a list of them (ids must be distinct)."""
+                  profile_steps: int = 5, shadows: Iterable[str] = DEFAULT_SHADOWS, log: Log = _print) -> dict:
+    """Scan every encoder of the zoo(s) with every profile on every shadow set its zoo has (`shadows`: file names
+    in the zoo folder; the first is the condition RESULTS.md summarizes); write OUT/{results.json, encoders.csv,
+    RESULTS.md, GENERALIZATION.md (with more than one condition or a tune/report split), roc.png, profile.txt};
+    return the results dict. `zoo_dir`: a zoo folder or a list of them (ids must be distinct)."""
+    from . import generalization
     from .benchmark_report import profile_inversion, write_report
 
     out = Path(out_dir)
@@ -348,34 +358,39 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
     chashes = {p: config_hash(c, str(dev)) for p, c in configs.items()}
     keys = {(zh, p): ch for zh in zhashes.values() for p, ch in chashes.items()}
     rows_log = RowLog(out / "encoders.csv", keys, resume=resume)
-    shadows = {z: ShadowSet(z / "shadow.npz") for z in zoos}
+    shadows = list(shadows)
+    sets = {(z, s): ShadowSet(z / s) for z in zoos for s in shadows if (z / s).is_file()}
+    if not any(k[1] == shadows[0] for k in sets):
+        raise ValueError(f"no zoo has the shadow set {shadows[0]}")
     env = environment(dev)
     log(f"benchmark: {len(entries)} encoders x {profiles} on {dev} ({env['torch_threads']} threads), "
         f"zoo {', '.join(f'{z} ({h})' for z, h in zhashes.items())}, {len(rows_log.done)} rows already done")
     rows: list[dict] = []
     t_start = time.perf_counter()
-    total = len(entries) * len(profiles)
-    for entry in entries:
-        for p in profiles:  # interleaved: both profiles see the same background load
-            k = len(rows) + 1
-            done = rows_log.done.get((entry["id"], p))
-            if done is not None:
-                rows.append(done)
-                log(f"[{k}/{total}] {entry['id']} {p}: done before (pl1 {done['pl1_norm']:.4f})")
-                continue
-            row = scan_row(entry, shadows[entry["_zoo"]], p, configs[p], dev, thr)
-            row.update(zoo_hash=zhashes[entry["_zoo"]], config_hash=chashes[p])
-            tb = row.pop("_traceback", None)
-            rows_log.append(row)
-            rows.append(row)
-            elapsed = time.perf_counter() - t_start
-            if row["status"] == "ok":
-                log(f"[{k}/{total}] {entry['id']} {entry.get('label')} {p}: pl1 {row['pl1_norm']:.4f} "
-                    f"sim {row['similarity']:.3f} tau {'yes' if row['reached_tau'] else 'no'} "
-                    f"{row['steps']} steps {row['seconds']:.1f}s -> {row['verdict']}  (elapsed {elapsed:.0f}s)")
-            else:
-                log(f"[{k}/{total}] {entry['id']} {p}: ERROR {row['error']}\n{tb or ''}")
-    summary = summarize(rows, profiles, {p: c.max_steps for p, c in configs.items()})
+    jobs = [(e, s, p) for e in entries for s in shadows if (e["_zoo"], s) in sets for p in profiles]
+    total = len(jobs)
+    for entry, sfile, p in jobs:  # interleaved: both profiles see the same background load
+        k = len(rows) + 1
+        done = rows_log.done.get((entry["id"], p, sfile))
+        if done is not None:
+            rows.append(done)
+            log(f"[{k}/{total}] {entry['id']} {sfile} {p}: done before (pl1 {done['pl1_norm']:.4f})")
+            continue
+        row = scan_row(entry, sets[(entry["_zoo"], sfile)], p, configs[p], dev, thr, sfile)
+        row.update(zoo_hash=zhashes[entry["_zoo"]], config_hash=chashes[p])
+        tb = row.pop("_traceback", None)
+        rows_log.append(row)
+        rows.append(row)
+        elapsed = time.perf_counter() - t_start
+        if row["status"] == "ok":
+            log(f"[{k}/{total}] {entry['id']} {entry.get('label')} {row['condition']} {p}: pl1 {row['pl1_norm']:.4f} "
+                f"sim {row['similarity']:.3f} tau {'yes' if row['reached_tau'] else 'no'} "
+                f"{row['steps']} steps {row['seconds']:.1f}s -> {row['verdict']}  (elapsed {elapsed:.0f}s)")
+        else:
+            log(f"[{k}/{total}] {entry['id']} {p}: ERROR {row['error']}\n{tb or ''}")
+    main_rows = [r for r in rows if (r.get("shadow") or shadows[0]) == shadows[0]]
+    summary = summarize(main_rows, profiles, {p: c.max_steps for p, c in configs.items()})
+    general = generalization.summarize(rows)
     results = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "zoo": ", ".join(str(z) for z in zoos), "zoo_hash": "+".join(zhashes.values()),
@@ -387,16 +402,20 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
         **env, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, **summary,
         "errors": [{"id": r["id"], "profile": r["profile"], "error": r.get("error")} for r in rows
                    if r.get("status") != "ok"],
+        "shadows": shadows, "splits": {str(z): generalization.zoo_split(z) for z in zoos},
+        "generalization": general,
     }
     if profile_steps and "fast" in configs:
         try:
             first = entries[0]
-            results["profile"] = profile_inversion(first, shadows[first["_zoo"]], configs["fast"], out / "profile.txt",
+            results["profile"] = profile_inversion(first, sets[(first["_zoo"], shadows[0])], configs["fast"], out / "profile.txt",
                                                    steps=profile_steps)
         except Exception as e:  # noqa: BLE001 - the profile is a side product; the numbers stand without it
             results["profile"] = {"error": f"{type(e).__name__}: {e}"}
     (out / "results.json").write_text(json.dumps(_finite(results), indent=1))
-    write_report(results, rows, out)
+    write_report(results, main_rows, out)
+    if len(shadows) > 1 or len(set(results["splits"].values())) > 1:
+        (out / "GENERALIZATION.md").write_text(generalization.markdown(general, profiles))
     log(f"benchmark done in {results['wall_seconds']:.0f}s: " + ", ".join(
         f"auc_{p} {_fmt(results.get(f'auc_{p}'))}" for p in profiles) + f", speedup {_fmt(results.get('speedup'))}"
         f" -> {out}/results.json")

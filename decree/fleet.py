@@ -43,7 +43,7 @@ def group_key(row: dict) -> tuple:
     return (row.get("arch"), row.get("image_size"), row.get("shadow_sha256"), row.get("profile"))
 
 
-def _log_score(row: dict, column: str) -> float | None:
+def log_score(row: dict, column: str) -> float | None:
     v = row.get(column)
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         return None
@@ -94,8 +94,8 @@ def _judge(rows: list[dict], i: int, basis: list[int], peers: int, config: Fleet
                 "verdict": "trojaned" if absolute else "clean"}
     best = None
     for column in SCORES:
-        mine = _log_score(row, column)
-        population = [v for j in basis if (v := _log_score(rows[j], column)) is not None]
+        mine = log_score(row, column)
+        population = [v for j in basis if (v := log_score(rows[j], column)) is not None]
         if mine is None or len(population) < config.min_references:
             continue
         index = robust_index(mine, population, config.min_spread)

@@ -42,6 +42,10 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda
 ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="PL1 verdict threshold (default: the core's).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's).")]
 FreshOpt = Annotated[bool, typer.Option("--fresh", help="Rescan everything instead of resuming from encoders.csv.")]
+ShadowsOpt = Annotated[
+    str, typer.Option("--shadows", help="Comma-separated shadow sets of each zoo to scan with: shadow.npz (in-"
+                      "distribution), shadow-photos.npz (natural photos), or 'all'. The first is RESULTS.md's.")
+]
 ProfileStepsOpt = Annotated[int, typer.Option("--profile-steps", min=0, help="Steps of the CPU profile (0: none).")]
 # Only for the default zoo (no --zoo, no DECREE_BENCH_ZOO), built into the cache folder.
 ZooCleanOpt = Annotated[int, typer.Option("--zoo-clean", min=0, help="When building: clean encoders per family.")]
@@ -112,6 +116,7 @@ def bench_command(
     threads: ThreadsOpt = None,
     fresh: FreshOpt = False,
     profile_steps: ProfileStepsOpt = 5,
+    shadows: ShadowsOpt = "shadow.npz",
     zoo_clean: ZooCleanOpt = 8,
     zoo_trojaned: ZooTrojOpt = 8,
     zoo_seed: ZooSeedOpt = 0,
@@ -141,6 +146,7 @@ def bench_command(
             zoo_dirs, out, profile_list, device=device, paper_max_steps=paper_max_steps or None,
             fast_overrides={"max_steps": fast_max_steps} if fast_max_steps else None, limit=limit,
             families=family_list, threshold=threshold, resume=not fresh, profile_steps=profile_steps,
+            shadows=("shadow.npz", "shadow-photos.npz") if shadows == "all" else tuple(_split(shadows)),
             log=lambda m: console.print(m, markup=False, highlight=False))
     except (OSError, ValueError, RuntimeError) as e:
         err_console.print(f"[red]benchmark failed:[/] {e}")

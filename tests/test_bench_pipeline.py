@@ -272,3 +272,42 @@ def test_cli_passes_the_options_and_builds_only_the_default_zoo(tmp_path, monkey
     (out, kw), = built
     assert out == tmp_path / "cache" and kw["families"] == ("image-on-image",) and kw["clean"] == 2
     assert ran[-1][0] == [tmp_path / "cache"]
+
+
+@pytest.mark.slow
+def test_both_shadow_conditions_are_scanned_and_reported_per_split(tiny_zoo, tmp_path):
+    from decree.generalization import zoo_split
+
+    assert (tiny_zoo / "shadow-photos.npz").is_file()  # every zoo ships its out-of-distribution condition
+    assert zoo_split(tiny_zoo) == "report"  # seed 3: never tuned on
+    res = _bench(tiny_zoo, tmp_path, profiles=("fast",), shadows=("shadow.npz", "shadow-photos.npz"))
+    rows = _rows(tmp_path)
+    assert sorted({(r["condition"], r["split"]) for r in rows}) == [("in-distribution", "report"),
+                                                                      ("photos", "report")]
+    assert len(rows) == 2 * 4 and all(r["zoo_family"] == "image-on-image" for r in rows)
+    per = res["generalization"]["report"]
+    assert set(per) == {"in-distribution", "photos"}
+    fam = per["photos"]["fast"]["families"]["image-on-image"]
+    assert fam["n_clean"] == 2 and fam["n_trojaned"] == 2 and set(fam["fleet"]) == {"tp", "fp"}
+    text = (tmp_path / "GENERALIZATION.md").read_text()
+    assert "Report-only families" in text and "Shadow set: photos" in text
+    assert res["n_clean"] + res["n_trojaned"] == 4  # RESULTS.md keeps the first condition only
+
+
+def test_generalization_summary_counts_fleet_and_threshold_verdicts_and_buckets():
+    from decree.generalization import bucket_of, summarize
+
+    def r(i, label, pl1, verdict="clean", **kw):
+        return {"id": f"e{i}", "status": "ok", "label": label, "pl1_norm": pl1, "reached_tau": True,
+                "verdict": verdict, "split": "report", "condition": "photos", "profile": "fast", "arch": "a",
+                "image_size": 32, "zoo_family": "i2i-large", "seconds": 1.0, "bucket": kw.get("bucket")}
+
+    rows = [r(i, "clean", 0.2 + 0.01 * i) for i in range(8)]
+    rows += [r(10, "trojaned", 0.01, "trojaned", bucket="patch 8-12.5%"), r(11, "trojaned", 0.06, bucket="whole-image blend")]
+    g = summarize(rows)["report"]["photos"]["fast"]
+    fam = g["families"]["i2i-large"]
+    assert fam["auc"] == 1.0 and fam["threshold"] == {"tp": 1, "fp": 0} and fam["fleet"] == {"tp": 2, "fp": 0}
+    assert set(g["buckets"]) == {"patch 8-12.5%", "whole-image blend"} and g["buckets"]["whole-image blend"]["n_clean"] == 8
+    assert bucket_of({"label": "trojaned", "trigger_area": 0.1}) == "patch 8-12.5%"
+    assert bucket_of({"label": "trojaned", "trigger_kind": "sinusoid", "trigger_area": 1.0}) == "whole-image sinusoid"
+    assert bucket_of({"label": "clean"}) is None

@@ -1,0 +1,194 @@
+"""Does the verdict hold beyond what it was tuned on? The benchmark's split and shadow-condition analysis.
+
+Zoos are split before any tuning (bench/README.md): a zoo built with a seed in TUNE_SEEDS is a *tune* zoo, every
+other seed is *report-only*, and a family never moves across. Every encoder is scanned under each shadow condition
+its zoo ships: `in-distribution` (the training distribution's held-out images) and `photos` (crops of natural
+photos, the normal condition of an audit that lacks the pre-training data). Per split, condition, profile and zoo
+family this reports ROC-AUC of −PL1, TPR at 5% FPR, the absolute-threshold verdicts and the fleet verdicts side by
+side, and AUC per trigger kind and size bucket.
+
+The fleet verdict is simulated as a fleet audit sees it: most encoders clean, a trojan the odd one out. Each
+encoder is judged against the clean encoders of its architecture, input size, condition and split (without
+itself), with decree.fleet's anomaly index and cutoff, plus its own absolute verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .fleet import DEFAULT_CUTOFF, log_score, robust_index
+
+TUNE_SEEDS = (0,)
+CONDITIONS = {"shadow.npz": "in-distribution", "shadow-photos.npz": "photos"}
+# trigger area buckets (fraction of the image); whole-image triggers have their own
+BUCKETS = ((0.02, "patch <2%"), (0.04, "patch 2-4%"), (0.08, "patch 4-8%"), (0.125, "patch 8-12.5%"),
+           (1.0, "patch >12.5%"))
+
+
+def zoo_split(zoo_dir: str | Path) -> str:
+    try:
+        seed = json.loads((Path(zoo_dir) / "zoo.json").read_text())["params"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "report"  # a zoo of unknown origin was never tuned on
+    return "tune" if seed in TUNE_SEEDS else "report"
+
+
+def condition_of(shadow_file: str) -> str:
+    return CONDITIONS.get(shadow_file, Path(shadow_file).stem)
+
+
+def bucket_of(entry: dict) -> str | None:
+    if entry.get("label") != "trojaned":
+        return None
+    if entry.get("trigger_kind") not in (None, "patch"):
+        return f"whole-image {entry['trigger_kind']}"
+    area = entry.get("trigger_area")
+    if area is None:
+        return None
+    return next(name for top, name in BUCKETS if float(area) <= top)
+
+
+def _auc(pos: list[float], neg: list[float]) -> tuple[float | None, float | None]:
+    """ROC-AUC and TPR at 5% FPR of score = −PL1 (trojaned positive)."""
+    if not pos or not neg:
+        return None, None
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = [1] * len(pos) + [0] * len(neg)
+    s = -np.asarray(pos + neg, dtype=float)
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(roc_auc_score(y, s)), float(max(t for f, t in zip(fpr, tpr) if f <= 0.05 + 1e-12))
+
+
+def fleet_flags(rows: list[dict], cutoff: float = DEFAULT_CUTOFF) -> dict[int, tuple[float | None, bool]]:
+    """id(row) -> (anomaly index against its clean peers without itself, fleet verdict trojaned?)."""
+    peers: dict[tuple, list[dict]] = defaultdict(list)
+    key = lambda r: (r["split"], r["condition"], r["profile"], r["arch"], r.get("image_size"))  # noqa: E731
+    for r in rows:
+        if r["label"] == "clean":
+            peers[key(r)].append(r)
+    out = {}
+    for r in rows:
+        pop = [v for c in peers[key(r)] if c is not r and (v := log_score(c, "pl1_norm")) is not None]
+        mine = log_score(r, "pl1_norm")
+        index = robust_index(mine, pop) if mine is not None and len(pop) >= 3 else None
+        absolute = r.get("verdict") == "trojaned"
+        out[id(r)] = (index, absolute or (index is not None and index > cutoff))
+    return out
+
+
+def summarize(rows: list[dict], cutoff: float = DEFAULT_CUTOFF) -> dict:
+    """{split: {condition: {profile: {"families": {...}, "buckets": {...}, "overall": {...}}}}}."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    flags = fleet_flags(ok, cutoff)
+    out: dict = {}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        groups[(r["split"], r["condition"], r["profile"])].append(r)
+    for (split, cond, prof), sel in sorted(groups.items()):
+        fams: dict[str, list[dict]] = defaultdict(list)
+        for r in sel:
+            fams[r["zoo_family"]].append(r)
+        entry = {"families": {f: _metrics(g, flags) for f, g in sorted(fams.items())},
+                 "overall": _metrics(sel, flags), "buckets": {}}
+        clean_by_arch = defaultdict(list)
+        for r in sel:
+            if r["label"] == "clean":
+                clean_by_arch[r["arch"]].append(r)
+        buckets: dict[str, list[dict]] = defaultdict(list)
+        for r in sel:
+            if r.get("bucket"):
+                buckets[r["bucket"]].append(r)
+        for name, troj in sorted(buckets.items()):
+            neg = [c for a in {t["arch"] for t in troj} for c in clean_by_arch[a]]
+            entry["buckets"][name] = _metrics(troj + neg, flags)
+        out.setdefault(split, {}).setdefault(cond, {})[prof] = entry
+    return out
+
+
+def _metrics(sel: list[dict], flags: dict) -> dict:
+    pos = [r["pl1_norm"] for r in sel if r["label"] == "trojaned"]
+    neg = [r["pl1_norm"] for r in sel if r["label"] == "clean"]
+    auc, tpr = _auc(pos, neg)
+    thr = [r.get("verdict") == "trojaned" for r in sel]
+    fleet = [flags[id(r)][1] for r in sel]
+    troj = [r["label"] == "trojaned" for r in sel]
+    secs = [r["seconds"] for r in sel if r.get("seconds") is not None]
+
+    def counts(pred):
+        return {"tp": sum(p and t for p, t in zip(pred, troj)), "fp": sum(p and not t for p, t in zip(pred, troj))}
+
+    return {"n_clean": len(neg), "n_trojaned": len(pos), "auc": auc, "tpr_at_5fpr": tpr,
+            "threshold": counts(thr), "fleet": counts(fleet),
+            "accuracy_threshold": _mean([p == t for p, t in zip(thr, troj)]),
+            "accuracy_fleet": _mean([p == t for p, t in zip(fleet, troj)]),
+            "seconds_mean": _mean(secs), "max_trojan_pl1": max(pos) if pos else None,
+            "min_clean_pl1": min(neg) if neg else None}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else None
+
+
+def _f(v, d: int = 3) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{d}f}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def markdown(summary: dict, profiles: list[str], cutoff: float = DEFAULT_CUTOFF) -> str:
+    md = ["# Generalization: tune families vs report-only families, in- and out-of-distribution shadow sets", "",
+          ("Generated by `decree bench` (see bench/README.md for the split, fixed before tuning). Score −PL1. "
+           f"*threshold*: each profile's absolute PL1 threshold. *fleet*: anomaly index > {cutoff:g} against the "
+           "clean encoders of the same architecture, input size, condition and split (without itself), or the "
+           "threshold verdict. TP/FP are counts of trojaned/clean encoders flagged."), ""]
+    for split in ("report", "tune"):
+        if split not in summary:
+            continue
+        md += [f"## {'Report-only' if split == 'report' else 'Tune'} families", ""]
+        for cond, per in summary[split].items():
+            md += [f"### Shadow set: {cond}", ""]
+            head = ["family", "clean", "trojaned"]
+            for p in profiles:
+                head += [f"AUC {p}", f"TPR@5% {p}", f"threshold TP/FP {p}", f"fleet TP/FP {p}", f"s/enc {p}"]
+            body = []
+            names = list(next(iter(per.values()))["families"]) + ["all"]
+            for name in names:
+                first = per[profiles[0]]
+                g0 = first["overall"] if name == "all" else first["families"].get(name)
+                if g0 is None:
+                    continue
+                cells = [f"**{name}**" if name == "all" else name, str(g0["n_clean"]), str(g0["n_trojaned"])]
+                for p in profiles:
+                    g = per.get(p, {}).get("overall" if name == "all" else "families", {})
+                    g = g if name == "all" else g.get(name)
+                    if not g:
+                        cells += ["-"] * 5
+                        continue
+                    cells += [_f(g["auc"]), _f(g["tpr_at_5fpr"]),
+                              f"{g['threshold']['tp']}/{g['threshold']['fp']}", f"{g['fleet']['tp']}/{g['fleet']['fp']}",
+                              _f(g["seconds_mean"], 2)]
+                body.append(cells)
+            md += _table(head, body) + [""]
+            bhead = ["trigger", "trojaned", *[f"AUC {p}" for p in profiles], *[f"fleet TP {p}" for p in profiles]]
+            brows = []
+            for name, g0 in per[profiles[0]]["buckets"].items():
+                row = [name, str(g0["n_trojaned"])]
+                row += [_f(per[p]["buckets"].get(name, {}).get("auc")) for p in profiles]
+                row += [str(per[p]["buckets"].get(name, {}).get("fleet", {}).get("tp", "-")) for p in profiles]
+                brows.append(row)
+            if brows:
+                md += ["By trigger kind and size (trojans of the bucket against the clean encoders of their "
+                       "architecture):", ""] + _table(bhead, brows) + [""]
+    return "\n".join(md)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])

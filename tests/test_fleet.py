@@ -1,0 +1,116 @@
+"""Fleet-relative verdicts: outliers among comparable encoders, references, fallbacks, re-derivation in the report."""
+
+import math
+
+import pytest
+
+from decree.fleet import DEFAULT_CUTOFF, FleetConfig, assign, robust_index
+from decree_ray.config import DEFAULT_CUTOFF as CLI_CUTOFF
+from decree_ray.report import analyze
+
+
+def row(i, pl1, *, arch="timm/a", size=32, label=None, reached=True, patch="clean", shadow="s1", **kw):
+    return {"id": f"e{i}", "uri": f"/f/e{i}", "status": "ok", "arch": arch, "image_size": size,
+            "shadow_sha256": shadow, "profile": "fast", "pl1_norm": pl1, "reached_tau": reached, "threshold": 0.03,
+            "patch_verdict": patch, "verdict": patch, "similarity": 0.95, "label": label, **kw}
+
+
+def clean_fleet(n=10, arch="timm/a", start=0):
+    # natural triggers of clean encoders: 15-24% of the image, spread like the zoo's
+    return [row(start + i, 0.15 + 0.01 * i, arch=arch, label="clean") for i in range(n)]
+
+
+def test_cli_default_cutoff_is_the_cores():
+    assert CLI_CUTOFF == DEFAULT_CUTOFF
+
+
+def test_robust_index_is_positive_below_the_population_and_floored_spread():
+    pop = [math.log(0.2)] * 8
+    assert robust_index(math.log(0.2), pop) == 0.0
+    # identical peers: the MAD is 0, the floor keeps a 5% difference from becoming an outlier
+    assert robust_index(math.log(0.19), pop) < 1.0
+    assert robust_index(math.log(0.02), pop) > DEFAULT_CUTOFF
+
+
+def test_a_low_outlier_among_comparable_encoders_is_flagged_by_the_fleet():
+    rows = clean_fleet() + [row(99, 0.05, label="trojaned")]  # above the threshold: the threshold misses it
+    out = {r["id"]: r for r in assign(rows)}
+    assert out["e99"]["verdict"] == "trojaned" and out["e99"]["verdict_basis"] == "fleet"
+    assert out["e99"]["anomaly_index"] > DEFAULT_CUTOFF and out["e99"]["fleet_peers"] == 11
+    assert all(out[f"e{i}"]["verdict"] == "clean" for i in range(10))
+    assert all(abs(out[f"e{i}"]["anomaly_index"]) < DEFAULT_CUTOFF for i in range(10))
+
+
+def test_too_few_peers_fall_back_to_the_threshold_and_say_so():
+    rows = clean_fleet(3) + [row(99, 0.05), row(98, 0.01, patch="trojaned")]
+    out = {r["id"]: r for r in assign(rows)}
+    assert {r["verdict_basis"] for r in out.values()} == {"threshold"}
+    assert all(r["anomaly_index"] is None for r in out.values())
+    assert out["e99"]["verdict"] == "clean" and out["e98"]["verdict"] == "trojaned"
+
+
+def test_groups_do_not_mix_architectures_sizes_or_shadow_sets():
+    # CLIP towers need far smaller natural triggers than Lite0: mixed, every CLIP tower would look trojaned
+    small = [row(100 + i, 0.035 + 0.001 * i, arch="open_clip/t", label="clean") for i in range(8)]
+    other_size = [row(200 + i, 0.04, size=224) for i in range(3)]
+    other_shadow = [dict(r, id="x" + r["id"], uri="x" + r["uri"], shadow_sha256="s2", pl1_norm=0.01)
+                    for r in clean_fleet(2)]
+    out = assign(clean_fleet() + small + other_size + other_shadow)
+    assert all(r["verdict"] == "clean" for r in out)
+    peers = {r["id"]: r["fleet_peers"] for r in out}
+    assert peers["e0"] == 10 and peers["e100"] == 8 and peers["e200"] == 3 and peers["xe0"] == 2
+
+
+def test_references_anchor_a_group_that_is_mostly_trojaned():
+    refs = [row(i, 0.16 + 0.01 * i, label="clean") for i in range(3)]
+    trojans = [row(10 + i, 0.05 + 0.002 * i, label="trojaned") for i in range(6)]
+    unanchored = {r["id"]: r["verdict"] for r in assign(refs + trojans)}
+    assert sum(v == "trojaned" for v in unanchored.values()) < 6  # the trojans are the group's majority
+    anchored = {r["id"]: r["verdict"] for r in assign(refs + trojans, references=["e0", "/f/e1", "e2"])}
+    assert all(anchored[f"e{10 + i}"] == "trojaned" for i in range(6))
+    assert all(anchored[f"e{i}"] == "clean" for i in range(3))
+
+
+def test_a_search_that_never_reached_tau_is_no_outlier():
+    rows = clean_fleet() + [row(99, 0.001, reached=False)]
+    out = {r["id"]: r for r in assign(rows)}
+    assert out["e99"]["verdict"] == "clean" and out["e99"]["anomaly_index"] < 0
+
+
+def test_the_blend_score_is_judged_against_its_own_peers():
+    rows = [dict(r, blend_pl1=0.3 + 0.01 * i, blend_reached_tau=True, blend_verdict="clean")
+            for i, r in enumerate(clean_fleet())]
+    rows.append(row(99, 0.17, blend_pl1=0.08, blend_reached_tau=True, blend_verdict="clean"))
+    out = {r["id"]: r for r in assign(rows)}
+    assert out["e99"]["verdict"] == "trojaned" and out["e99"]["anomaly_index"] > DEFAULT_CUTOFF
+
+
+def test_error_rows_are_left_alone_and_do_not_count_as_peers():
+    rows = clean_fleet(6) + [{"id": "bad", "uri": "/f/bad", "status": "error", "arch": "timm/a", "verdict": None}]
+    out = {r["id"]: r for r in assign(rows)}
+    assert out["bad"].get("verdict_basis") is None and out["e0"]["fleet_peers"] == 6
+
+
+@pytest.mark.parametrize("cutoff", [1.0, 100.0])
+def test_the_cutoff_decides_how_far_out_an_outlier_must_be(cutoff):
+    rows = clean_fleet() + [row(99, 0.08)]
+    verdict = {r["id"]: r["verdict"] for r in assign(rows, config=FleetConfig(cutoff=cutoff))}["e99"]
+    assert verdict == ("trojaned" if cutoff == 1.0 else "clean")
+
+
+def test_report_rederives_fleet_verdicts_from_the_table_without_a_rescan():
+    rows = clean_fleet() + [row(99, 0.05, label="trojaned")]
+    rep = analyze(rows)
+    assert rep.flagged == 1 and rep.fleet_outliers == 1 and rep.fleet_judged == 11
+    assert rep.confusion == {"tn": 10, "fp": 0, "fn": 0, "tp": 1}
+    strict = analyze(rows, fleet_cutoff=100.0)
+    assert strict.flagged == 0 and strict.confusion["fn"] == 1
+    # --threshold re-decides the patch verdicts too
+    assert analyze(rows, threshold=0.06, fleet_cutoff=100.0).flagged == 1
+
+
+def test_report_reads_tables_from_before_the_fleet_columns():
+    old = [{k: v for k, v in r.items() if k != "patch_verdict"} for r in clean_fleet()]
+    old.append({k: v for k, v in row(99, 0.01, patch="trojaned").items() if k != "patch_verdict"})
+    rep = analyze(old)
+    assert rep.flagged == 1 and rep.fleet_outliers == 0
