@@ -51,7 +51,6 @@ class InversionConfig:
     settle_fraction: float | None = 0.5  # stop once best PL1 < this × threshold (0/None: never); PL1 is then an upper bound
     mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
     mask_init_value: float = 0.05
-    seed_area: float = 0.12  # "spread": the area fraction of each seeded restart's starting blob
     l1_channels: int = 1  # the paper sums the mask over 3 channels: λ then weighs 3× the area
     l1_per_area: bool = True  # λ weighs the area fraction (scale-free); the paper weighs the raw pixel sum
     early_stop_per_epoch: bool = False
@@ -197,17 +196,6 @@ def _mask_shape(cfg: InversionConfig, h: int, w: int) -> tuple[int, int]:
     raise ValueError(f"unknown trigger model {cfg.trigger!r}; choose patch or blend")
 
 
-# where seeded restarts start, in order: corners, centre, edge midpoints (fractions of the free range)
-_SEEDS = ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5), (0, 0.5), (0.5, 0), (0.5, 1), (1, 0.5))
-
-
-def _blob(k: int, h: int, w: int, area: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    side_h, side_w = max(1, round(h * math.sqrt(area))), max(1, round(w * math.sqrt(area)))
-    fr, fc = _SEEDS[k % len(_SEEDS)]
-    r0, c0 = round(fr * (h - side_h)), round(fc * (w - side_w))
-    return (r0, r0 + side_h), (c0, c0 + side_w)
-
-
 def _init_params(cfg: InversionConfig, r: int, h: int, w: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     mh, mw = _mask_shape(cfg, h, w)
     if cfg.mask_init == "random":
@@ -216,14 +204,6 @@ def _init_params(cfg: InversionConfig, r: int, h: int, w: int, gen: torch.Genera
         # A small flat mask lets the gradient, not the initial noise, decide where the trigger grows.
         jitter = 0.01 * torch.rand(r, 1, mh, mw, generator=gen)
         mask = torch.full((r, 1, mh, mw), cfg.mask_init_value) + jitter
-    elif cfg.mask_init == "spread":
-        # Restart 0 is the flat small mask; the others start from a square blob at a corner, the centre or an
-        # edge midpoint, where triggers sit: a restart that starts on the trigger need not find it by gradient.
-        jitter = 0.01 * torch.rand(r, 1, mh, mw, generator=gen)
-        mask = torch.full((r, 1, mh, mw), cfg.mask_init_value) + jitter
-        for k in range(1, r):
-            (r0, r1), (c0, c1) = _blob(k - 1, mh, mw, cfg.seed_area)
-            mask[k, :, r0:r1, c0:c1] = 0.9
     else:
         raise ValueError(f"unknown mask_init {cfg.mask_init!r}")
     pattern = torch.rand(r, 3, h, w, generator=gen)
