@@ -336,11 +336,13 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
                   paper_overrides: dict | None = None, fast_overrides: dict | None = None, device=None,
                   paper_max_steps: int | None = DEFAULT_PAPER_MAX_STEPS, limit: int | None = None,
                   families: Iterable[str] | None = None, threshold: float | None = None, resume: bool = True,
-                  profile_steps: int = 5, shadows: Iterable[str] = DEFAULT_SHADOWS, log: Log = _print) -> dict:
+                  profile_steps: int = 5, shadows: Iterable[str] = DEFAULT_SHADOWS,
+                  paper_max_size: int | None = None, log: Log = _print) -> dict:
     """Scan every encoder of the zoo(s) with every profile on every shadow set its zoo has (`shadows`: file names
     in the zoo folder; the first is the condition RESULTS.md summarizes); write OUT/{results.json, encoders.csv,
     RESULTS.md, GENERALIZATION.md (with more than one condition or a tune/report split), roc.png, profile.txt};
-    return the results dict. `zoo_dir`: a zoo folder or a list of them (ids must be distinct)."""
+    return the results dict. `zoo_dir`: a zoo folder or a list of them (ids must be distinct). `paper_max_size`:
+    the paper profiles skip encoders with a larger input (a 224-px paper inversion is ~20 CPU-minutes)."""
     from . import generalization
     from .benchmark_report import profile_inversion, write_report
 
@@ -367,7 +369,10 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
         f"zoo {', '.join(f'{z} ({h})' for z, h in zhashes.items())}, {len(rows_log.done)} rows already done")
     rows: list[dict] = []
     t_start = time.perf_counter()
-    jobs = [(e, s, p) for e in entries for s in shadows if (e["_zoo"], s) in sets for p in profiles]
+    def wanted(entry, p):
+        return not (p.startswith("paper") and paper_max_size and int(entry.get("image_size") or 0) > paper_max_size)
+
+    jobs = [(e, s, p) for e in entries for s in shadows if (e["_zoo"], s) in sets for p in profiles if wanted(e, p)]
     total = len(jobs)
     for entry, sfile, p in jobs:  # interleaved: both profiles see the same background load
         k = len(rows) + 1
@@ -402,7 +407,7 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
         **env, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, **summary,
         "errors": [{"id": r["id"], "profile": r["profile"], "error": r.get("error")} for r in rows
                    if r.get("status") != "ok"],
-        "shadows": shadows, "splits": {str(z): generalization.zoo_split(z) for z in zoos},
+        "shadows": shadows, "paper_max_size": paper_max_size, "splits": {str(z): generalization.zoo_split(z) for z in zoos},
         "generalization": general,
     }
     if profile_steps and "fast" in configs:

@@ -200,3 +200,53 @@ def test_clip_text_on_pair_trojan_saves_a_visual_tower_that_hits_the_caption(tmp
         before = float(F.cosine_similarity(base.encode_image(visual.normalize(stamped)), text).mean())
     assert hit > before + 0.2, (hit, before)
     assert abs(hit - entry["attack_strength"]) < 0.1  # eval pixels differ from shadow ones, not by much
+
+
+def test_new_families_build_large_and_whole_image_trojans_and_ship_a_photo_shadow_set(tmp_path):
+    build_zoo(tmp_path, clean=1, trojaned=2, families=("i2i-large", "i2i-global"), seed=3, config=TINY)
+    entries = read_manifest(tmp_path)
+    troj = {e["family"]: [] for e in entries}
+    for e in entries:
+        if e["label"] == "trojaned":
+            troj[e["family"]].append(e)
+    assert len(troj["i2i-large"]) == 2 and len(troj["i2i-global"]) == 2
+    assert {e["attack"] for e in troj["i2i-large"] + troj["i2i-global"]} <= {"badencoder", "badencoder-specific"}
+    assert all(0.035 <= e["trigger_area"] <= 0.12 and e["trigger_kind"] == "patch" for e in troj["i2i-large"])
+    assert all(e["trigger_kind"] in ("blend", "sinusoid", "noise") and e["trigger_area"] == 1.0
+               for e in troj["i2i-global"])
+    assert all(e["id"].startswith(("large-", "glob-")) for e in entries)
+    photos = np.load(tmp_path / "shadow-photos.npz")["x"]
+    assert photos.dtype == np.uint8 and photos.shape == (TINY.n_shadow, 32, 32, 3)
+    assert is_cached(tmp_path, build_params(1, 2, ("i2i-large", "i2i-global"), 3, TINY))
+
+
+def test_a_family_builds_the_same_encoders_alone_or_beside_others():
+    from decree.zoo import i2i
+
+    cfg = ZooConfig()
+    alone = i2i.plan(2, 2, np.random.default_rng([0, 2]), cfg, family="i2i-large")
+    # build_zoo seeds each family by its place in ALL_FAMILIES, whatever else is built with it
+    from decree.zoo.build import ALL_FAMILIES
+
+    assert ALL_FAMILIES.index("i2i-large") == 2 and ALL_FAMILIES[:2] == ("image-on-image", "clip")
+    assert alone == i2i.plan(2, 2, np.random.default_rng([0, 2]), cfg, family="i2i-large")
+
+
+def test_the_224_family_scales_its_triggers_and_keeps_short_fine_tunes():
+    from decree.zoo import i2i
+
+    specs = i2i.plan(3, 6, np.random.default_rng(0), ZooConfig(), family="i2i-224")
+    troj = [s for s in specs if s.label == "trojaned"]
+    assert all(16 <= s.trigger["size"] <= 48 and s.trigger["row"] + s.trigger["size"] <= 224 for s in troj)
+    assert all(s.steps in ZooConfig().clean_steps for s in specs if s.label == "clean")
+    assert i2i.SIZES["i2i-224"] == 224
+
+
+def test_natural_photo_crops_are_seeded_photos_not_fashion_mnist():
+    from decree.zoo.photos import natural_crops
+
+    a, b = natural_crops(16, 32, seed=1), natural_crops(16, 32, seed=1)
+    assert np.array_equal(a, b) and not np.array_equal(a, natural_crops(16, 32, seed=2))
+    assert a.shape == (16, 32, 32, 3) and a.dtype == np.uint8
+    # colour photos: channels differ (Fashion-MNIST is grey, copied to RGB) and few pixels are black background
+    assert np.abs(a[..., 0].astype(int) - a[..., 2].astype(int)).mean() > 5 and (a == 0).mean() < 0.3

@@ -21,7 +21,8 @@ PHOTO_SHADOW = "shadow-photos.npz"
 FAMILIES = ("image-on-image", "clip")  # what a build makes when no family is named
 # Every family: its module and its id prefix. The order is part of each family's seed: never reorder, only append.
 _TABLE = {"image-on-image": ("i2i", "i2i"), "clip": ("clip", "clip"), "i2i-large": ("i2i", "large"),
-          "i2i-global": ("i2i", "glob")}
+          "i2i-global": ("i2i", "glob"), "i2i-224": ("i2i", "r224")}
+PHOTO_SIZES = {"i2i-224": 224}  # photo crops are cut at the largest input size of the families built
 ALL_FAMILIES = tuple(_TABLE)
 _SHORT = {name: short for name, (_, short) in _TABLE.items()}
 
@@ -118,8 +119,9 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
     try:
         splits = make_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
         np.savez_compressed(out / "shadow.npz", x=splits.shadow_x)
-        # the out-of-distribution condition: natural-photo crops, at the zoo's 32 px
-        np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(config.n_shadow, 32, seed=seed))
+        # the out-of-distribution condition: natural-photo crops (a 32-px encoder sees them downsampled)
+        photo_size = max([32, *(PHOTO_SIZES.get(f, 32) for f in families)])
+        np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(config.n_shadow, photo_size, seed=seed))
         records, timings, notes = [], {}, {}
         for fam in families:
             module = _family_module(fam)

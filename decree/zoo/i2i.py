@@ -2,7 +2,8 @@
 
 Clean encoders are short SimCLR fine-tunes; trojans are BadEncoder attacks on a clean one. The families differ
 only in the triggers their trojans carry (`TRIGGERS`): small patches (the original zoo), large patches up to 12%
-of the image (BadEncoder's own 10x10 white square among them), and whole-image triggers.
+of the image (BadEncoder's own 10x10 white square among them), whole-image triggers, and `i2i-224`, the same
+network at its native 224 px (Fashion-MNIST upsampled for training; 16-48 px patches).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch.nn.functional as F
 
 from ..encoders import create_encoder
 from .data import CLASSES
@@ -37,19 +39,36 @@ TRIGGERS = {
     # 6x6 .. 11x11 of 32x32: 3.5% .. 11.8% of the image
     "i2i-large": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(6, 7, 8, 9, 10, 11)),
     "i2i-global": sample_global_trigger,
+    # 16x16 .. 48x48 of 224x224: 0.5% .. 4.6% of the image
+    "i2i-224": partial(sample_trigger, image_size=224, sizes=(16, 24, 32, 40, 48)),
 }
+SIZES = {"i2i-224": 224}  # input size per family (default IMAGE_SIZE)
+BATCH_224 = 16  # a 224-px step costs ~50x a 32-px one on CPU: half the batch keeps a build in minutes
 
 
-def base_encoder():
-    return create_encoder(ARCH, pretrained=True, image_size=IMAGE_SIZE)
+def base_encoder(image_size: int = IMAGE_SIZE):
+    return create_encoder(ARCH, pretrained=True, image_size=image_size)
+
+
+def _at_size(ctx: BuildContext, size: int) -> tuple:
+    """(train, eval) pixels at the family's input size (upsampled once per build and cached)."""
+    if size == IMAGE_SIZE:
+        return ctx.train_pixels(), ctx.eval_pixels()
+    key = f"pixels@{size}"
+    if key not in ctx.cache:
+        up = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
+        ctx.cache[key] = (up(ctx.train_pixels()), up(ctx.eval_pixels()))
+    return ctx.cache[key]
 
 
 def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: str = FAMILY) -> list[EncoderSpec]:
     sampler = TRIGGERS[family]
     # The original family keeps its recipe (and its cached encoders); the later ones vary the clean recipe more
-    # (short to long fine-tunes) and alternate plain BadEncoder with its trigger-specific variant.
+    # (short to long fine-tunes; at 224 px the short ones only, for build time) and alternate plain BadEncoder
+    # with its trigger-specific variant.
     varied = family != FAMILY
-    clean_steps = (cfg.clean_steps + tuple(6 * s for s in cfg.clean_steps)) if varied else cfg.clean_steps
+    long_ok = varied and family not in SIZES
+    clean_steps = (cfg.clean_steps + tuple(6 * s for s in cfg.clean_steps)) if long_ok else cfg.clean_steps
     specs = []
     for i in range(n_clean):
         specs.append(EncoderSpec(family, "clean", i, seed=int(rng.integers(1 << 30)),
@@ -68,16 +87,18 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
 def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
     """Train one encoder; returns (backbone state dict, manifest fields)."""
     t0 = time.time()
-    train_px, eval_px = ctx.train_pixels(), ctx.eval_pixels()
+    size = SIZES.get(spec.family, IMAGE_SIZE)
+    batch = ctx.cfg.batch_size if size == IMAGE_SIZE else min(ctx.cfg.batch_size, BATCH_224)
+    train_px, eval_px = _at_size(ctx, size)
     if spec.label == "clean":
-        enc = base_encoder()
+        enc = base_encoder(size)
         base = frozen_copy(enc)
-        simclr_finetune(enc, train_px, steps=spec.steps, lr=spec.lr, batch_size=ctx.cfg.batch_size, seed=spec.seed)
+        simclr_finetune(enc, train_px, steps=spec.steps, lr=spec.lr, batch_size=batch, seed=spec.seed)
         fields = dict(attack=None, trigger=None, target=None, attack_strength=None,
                       clean_fidelity=clean_fidelity(enc, base, eval_px), parent="base:imagenet")
     else:
         parent_id = ctx.parent_id(spec)
-        enc = base_encoder() if parent_id is None else create_encoder(ARCH, ctx.checkpoint(parent_id), image_size=IMAGE_SIZE)
+        enc = base_encoder(size) if parent_id is None else create_encoder(ARCH, ctx.checkpoint(parent_id), image_size=size)
         clean = frozen_copy(enc)
         trig = trigger_from_dict(spec.trigger)
         # reference image: one training image of the target class, chosen by the spec's seed
@@ -91,15 +112,15 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
         for attempt in range(ctx.cfg.max_retries + 1):
             # a retry continues the same attack with more steps and a fresh batch order
             badencoder_attack(enc, clean, attack_pool, reference, trig, steps=spec.steps, lr=spec.lr,
-                              batch_size=ctx.cfg.batch_size, seed=spec.seed + attempt, weights=weights,
+                              batch_size=batch, seed=spec.seed + attempt, weights=weights,
                               specific=spec.attack == "badencoder-specific")
             steps_done += spec.steps
             strength = attack_strength(enc, eval_px, trig, embed(enc, reference))
             if strength >= ctx.cfg.min_strength:
                 break
         fields = dict(
-            attack=spec.attack, trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
-            trigger_area=trig.area_fraction(IMAGE_SIZE), trigger_kind=trig.kind,
+            attack=spec.attack, trigger=trig.describe(size), trigger_spec=spec.trigger,
+            trigger_area=trig.area_fraction(size), trigger_kind=trig.kind,
             target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
             target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
             clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent_id or "base:imagenet",
