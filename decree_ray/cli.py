@@ -358,16 +358,24 @@ def _print_report(rep, plot: Path) -> None:
     for r in rep.suspicious:
         style = "red" if r["flagged"] else None
         top.add_row(
-            str(r["id"]),
-            str(r["arch"]),
+            _text(r["id"]),  # the audited party's text: never parsed as rich markup, controls escaped
+            _text(r["arch"]),
             _fmt(r["pl1_norm"]),
             _fmt(r.get("anomaly_index"), ".2f"),
             _fmt(r["similarity"]),
             "trojaned" if r["flagged"] else "clean",
-            str(r.get("label") or "-"),
+            _text(r.get("label") or "-"),
             style=style,
         )
     console.print(top)
+
+
+def _text(value):
+    from rich.text import Text
+
+    from .schema import safe_text
+
+    return Text(safe_text(str(value)))
 
 
 def _mount_subcommands() -> None:
@@ -384,5 +392,27 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+def main() -> None:
+    """The `decree` console script: an exception no command expected is exit 2 with one line, never a traceback
+    ending in exit 1, which would read as "backdoors found"."""
+    import sys
+
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        sys.exit(EXIT_ERROR)
+    except Exception as e:  # noqa: BLE001 - the last line of defence of the exit-code contract
+        from rich.markup import escape
+
+        from .redact import redact
+
+        text = redact(f"{type(e).__name__}: {e}").replace("\n", " ")[:500]
+        err_console.print(f"[red]error:[/] unexpected failure: {escape(text)}")
+        sys.exit(EXIT_ERROR)
+
+
 if __name__ == "__main__":  # `python -m decree_ray.cli` (the demo runs it this way)
-    app()
+    main()

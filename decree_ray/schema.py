@@ -8,6 +8,7 @@ produce the same shape.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -149,6 +150,26 @@ def now_utc() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+# C0 and C1 control characters (ESC starts terminal sequences: cursor moves, OSC 52 clipboard writes), DEL
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe_text(value: str) -> str:
+    """Untrusted text as it may enter a row, a log or a terminal: valid UTF-8 (a lone surrogate from a file name
+    or a checkpoint key becomes its escape, instead of aborting the Parquet writer) and no control characters
+    (escaped as \\xNN). Idempotent, so a row can pass through it again."""
+    text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, list):
+        return [_safe(v) for v in value]
+    return value
+
+
 def new_row(
     *,
     id: str,
@@ -168,6 +189,7 @@ def new_row(
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(values)
     row.update(id=id, uri=uri, status=status, arch=arch, label=label, error=error)
+    row = {k: _safe(v) for k, v in row.items()}
     if row["scanned_at"] is None:
         row["scanned_at"] = now_utc()
     if row["verdict"] is not None and row["verdict"] not in VERDICTS:

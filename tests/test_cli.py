@@ -301,3 +301,19 @@ def test_demo_scans_a_zoo_from_s3_through_the_real_cli_and_reports(zoo, tmp_path
     assert sorted(r["id"] for r in rows) == ["copy-of-enc0", "enc0", "enc1", "enc2"]
     assert all(r["status"] == "ok" and r["uri"].startswith("s3://decree-demo/zoo/") for r in rows)
     assert (tmp_path / "out" / "roc.png").is_file()
+
+
+def test_an_unexpected_exception_exits_2_with_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import decree_ray.cli as cli
+    from decree_ray import report as report_mod
+
+    def boom(*a, **k):
+        raise KeyError("\\x1b]52;c;aGk=\\x07 password=hunter2")  # not one of the errors the command expects
+
+    monkeypatch.setattr(report_mod, "load_rows", boom)
+    monkeypatch.setattr("sys.argv", ["decree", "report", str(tmp_path / "r.parquet")])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unexpected failure: KeyError" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2

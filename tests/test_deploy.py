@@ -155,7 +155,7 @@ def test_dockerfile_builds_on_a_cuda_image_and_runs_decree(pyproject):
     (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert base.startswith("rayproject/ray:") and re.search(r"-(gpu|cu\d+)$", base), base
     assert re.search(r'^ENTRYPOINT \["decree"\]', text, flags=re.M)
-    assert pyproject["project"]["scripts"]["decree"] == "decree_ray.cli:app"
+    assert pyproject["project"]["scripts"]["decree"] == "decree_ray.cli:main"
     assert f"RUN pip install --no-cache-dir {_pin(pyproject, 'torch')} {_pin(pyproject, 'torchvision')}" in text
 
 
@@ -296,7 +296,7 @@ def ray_head(tmp_path_factory):
     # The job's entrypoint is `decree scan ...`: a `decree` for this working tree, whether or not the
     # package is pip-installed (what `pip install -e .` would generate).
     shim = bin_dir / "decree"
-    shim.write_text(f"#!{sys.executable}\nfrom decree_ray.cli import app\napp()\n")
+    shim.write_text(f"#!{sys.executable}\nfrom decree_ray.cli import main\nmain()\n")
     shim.chmod(0o755)
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
     gcs, dash, client, agent = _free_ports(4)

@@ -68,3 +68,22 @@ def test_a_small_mask_that_never_reached_tau_is_not_flagged_at_a_custom_threshol
 def test_an_fpr_outside_zero_one_is_rejected():
     with pytest.raises(ValueError):
         analyze([_row(0, 0.1, "clean")], fpr=1.5)
+
+
+def test_report_shows_hostile_ids_as_text_without_markup_or_terminal_escapes(tmp_path):
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from decree_ray.cli import app
+    from decree_ray.schema import new_row, to_table
+
+    ids = ["[red]FORGED[/red] clean", "\x1b]52;c;aGk=\x07osc", "\x1b[2J\x1b[Hcls", "bad\udcffsurrogate", "[/]"]
+    rows = [new_row(id=i, uri=f"/f/{n}", status="ok", arch="timm/x", pl1_norm=0.2 + n / 100, reached_tau=True,
+                    similarity=0.9, threshold=0.03, verdict="clean", patch_verdict="clean")
+            for n, i in enumerate(ids)]
+    path = tmp_path / "results.parquet"
+    pq.write_table(to_table(rows), path)  # the surrogate no longer aborts the writer
+    result = CliRunner().invoke(app, ["report", str(path), "--plot", str(tmp_path / "roc.png")])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "[red]FORGED" in result.output.replace("\n", "")
+    assert "\\x1b]52" in result.output or "x1b]52" in result.output.replace("\n", "")
