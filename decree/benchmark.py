@@ -60,16 +60,17 @@ def read_zoo(zoo_dir: str | Path) -> list[dict]:
 
 
 def read_zoos(zoo_dirs) -> list[dict]:
-    """Entries of one or more zoos (e.g. an image-on-image zoo and a CLIP zoo), each tagged with its folder."""
+    """Entries of one or more zoos (e.g. an image-on-image zoo and a CLIP zoo), each tagged with its folder.
+
+    Zoos built with other seeds reuse ids (`i2i-00` ...): when any id is in two zoos, every id is qualified by its
+    zoo's folder name (`zoo-report/i2i-00`); folders of the same name are then an error."""
     dirs = [Path(zoo_dirs)] if isinstance(zoo_dirs, (str, Path)) else [Path(z) for z in zoo_dirs]
-    entries, seen = [], {}
-    for zoo in dirs:
-        for e in read_zoo(zoo):
-            if e["id"] in seen:
-                raise ValueError(f"encoder id {e['id']!r} is in both {seen[e['id']]} and {zoo}")
-            seen[e["id"]] = zoo
-            entries.append({**e, "_zoo": zoo})
-    return entries
+    per = [(zoo, read_zoo(zoo)) for zoo in dirs]
+    ids = [e["id"] for _, es in per for e in es]
+    qualify = len(ids) != len(set(ids))
+    if qualify and len({z.name for z in dirs}) != len(dirs):
+        raise ValueError(f"encoder ids repeat across zoos whose folders share a name: {[str(z) for z in dirs]}")
+    return [{**e, "id": f"{zoo.name}/{e['id']}" if qualify else e["id"], "_zoo": zoo} for zoo, es in per for e in es]
 
 
 def families_of(entry: dict) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import storage
+from .metadata import MetadataError, preprocessing
 from .redact import redact
 from .storage import DEFAULT_S3, S3Options
 
@@ -142,9 +143,11 @@ def _iter_manifest_records(manifest: str, options: S3Options) -> Iterator[dict[s
     if storage.is_s3(manifest):
         bucket, key = storage.split_s3(manifest)
         body = storage.s3_client(options).get_object(Bucket=bucket, Key=key)["Body"]
-        lines: Iterator[str] = codecs.iterdecode(body.iter_lines(), "utf-8")
+        # one bad byte must not end the manifest: it survives as an escape, the row's text is sanitized later
+        lines: Iterator[str] = codecs.iterdecode(body.iter_lines(), "utf-8", errors="surrogateescape")
     else:
-        lines = (line.rstrip("\r\n") for line in open(manifest, encoding="utf-8"))  # noqa: SIM115 - streamed
+        lines = (line.rstrip("\r\n") for line in  # noqa: SIM115 - streamed
+                 open(manifest, encoding="utf-8", errors="surrogateescape"))
     if lower.endswith(".csv"):
         yield from csv.DictReader(lines)
         return
@@ -153,8 +156,8 @@ def _iter_manifest_records(manifest: str, options: S3Options) -> Iterator[dict[s
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield ValueError(f"manifest line {n} is not JSON: {e}")
+        except (ValueError, RecursionError) as e:  # also too-deep nesting, too-long integers
+            yield ValueError(f"manifest line {n} is not JSON: {type(e).__name__}: {str(e)[:200]}")
             continue
         yield record if isinstance(record, dict) else ValueError(f"manifest line {n} is not a JSON object")
 
@@ -163,43 +166,34 @@ def _missing(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
-def _floats(value: Any) -> tuple[float, ...] | None:
-    if _missing(value):
-        return None
-    if isinstance(value, str):
-        value = value.strip()
-        value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v.strip()]
-    if isinstance(value, (int, float)):
-        value = [value]
-    return tuple(float(v) for v in value)
-
-
 def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str | None) -> EncoderTask:
     raw_uri = record.get("uri")
     raw_uri = redact(raw_uri) if isinstance(raw_uri, str) else raw_uri  # presigned URLs carry credentials
     rid = record.get("id")
-    ident = str(rid) if not _missing(rid) else str(raw_uri or f"line-{n}")
-    label = None if _missing(record.get("label")) else str(record["label"])
+    ident = str(rid)[:300] if not _missing(rid) and isinstance(rid, (str, int)) else None
+    ident = ident or (str(raw_uri)[:300] if isinstance(raw_uri, str) and raw_uri else f"line-{n}")
+    label = record.get("label") if isinstance(record.get("label"), str) else None
     try:
-        uri = resolve_manifest_uri(manifest, "" if _missing(raw_uri) else str(raw_uri))
+        if not _missing(raw_uri) and not isinstance(raw_uri, str):
+            raise ValueError(f"uri must be a string, got {type(raw_uri).__name__}")
+        uri = resolve_manifest_uri(manifest, "" if _missing(raw_uri) else raw_uri)
     except ValueError as e:
         # entries without a uri each keep their own row (the job keeps one row per uri)
-        uri = f"{manifest}#{n}" if _missing(raw_uri) or not str(raw_uri).strip() else str(raw_uri)
+        uri = f"{manifest}#{n}" if not isinstance(raw_uri, str) or not raw_uri.strip() else raw_uri
         return EncoderTask(id=ident, uri=uri, label=label, status="error", error=str(e))
     try:
-        image_size = None if _missing(record.get("image_size")) else int(record["image_size"])
-        mean, std = _floats(record.get("mean")), _floats(record.get("std"))
-    except (TypeError, ValueError) as e:
+        meta = preprocessing(record)
+    except MetadataError as e:
         return EncoderTask(id=ident, uri=uri, label=label, status="error", error=f"bad manifest entry: {e}")
-    task_arch = None if _missing(record.get("arch")) else str(record["arch"])
+    task_arch = meta["arch"]
     task = EncoderTask(
         id=ident,
         uri=uri,
         arch=task_arch or arch,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        label=label,
+        image_size=meta["image_size"],
+        mean=meta["mean"],
+        std=meta["std"],
+        label=meta["label"],
         sidecar=task_arch is None,
     )
     if not _is_checkpoint(uri):

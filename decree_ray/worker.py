@@ -187,17 +187,20 @@ class ScanWorker:
                 continue
             try:
                 meta = json.loads(data)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue  # not a sidecar of ours; without an arch the scan says so in the row
             if not isinstance(meta, dict):
                 continue
+            from .metadata import preprocessing
+
+            given = preprocessing(meta)  # MetadataError: this encoder's error row (fetch catches it)
             return replace(
                 task,
-                arch=meta.get("arch") or task.arch,
-                image_size=int(meta["image_size"]) if meta.get("image_size") else task.image_size,
-                mean=tuple(meta["mean"]) if meta.get("mean") else task.mean,
-                std=tuple(meta["std"]) if meta.get("std") else task.std,
-                label=str(meta["label"]) if meta.get("label") else task.label,
+                arch=given["arch"] or task.arch,
+                image_size=given["image_size"] or task.image_size,
+                mean=given["mean"] or task.mean,
+                std=given["std"] or task.std,
+                label=given["label"] or task.label,
             )
         return task
 

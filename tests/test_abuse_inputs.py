@@ -64,7 +64,7 @@ ABUSE = [
     (json.dumps({"id": "size-list", "uri": "encoders/e3.safetensors", "arch": TINY_ARCH, "image_size": [32]}), "error", "bad manifest entry"),
     (json.dumps({"id": "size-word", "uri": "encoders/e4.safetensors", "arch": TINY_ARCH, "image_size": "big"}), "error", "bad manifest entry"),
     (json.dumps({"id": "mean-text", "uri": "encoders/e5.safetensors", "arch": TINY_ARCH, "mean": "a,b"}), "error", "bad manifest entry"),
-    (json.dumps({"id": "mean-2", "uri": "encoders/e6.safetensors", "arch": TINY_ARCH, "mean": [0.5, 0.5]}), "error", "mean/std need 1 or 3"),
+    (json.dumps({"id": "mean-2", "uri": "encoders/e6.safetensors", "arch": TINY_ARCH, "mean": [0.5, 0.5]}), "error", "mean must be 1 or 3"),
     (json.dumps({"id": "dotdot", "uri": "../secrets/x.safetensors", **_GOOD}), "error", "escapes"),
     (json.dumps({"id": "dotdot-deep", "uri": "encoders/../../x.safetensors", **_GOOD}), "error", "escapes"),
     (json.dumps({"id": "absolute", "uri": "/etc/passwd.pt", **_GOOD}), "error", "absolute"),
@@ -289,9 +289,10 @@ def test_any_manifest_gives_one_row_per_distinct_entry_and_writes_only_to_out_an
     _copy_zoo(zoo, box)
     manifest = box / "zoo" / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from decree_ray.schema import safe_text
     from decree_ray.sources import iter_tasks
 
-    want_uris = {t.uri for t in iter_tasks(str(manifest))}
+    want_uris = {safe_text(t.uri) for t in iter_tasks(str(manifest))}  # rows carry untrusted text sanitized
     before = harness.tree(box)
     worker = ScanWorker(harness.settings(box / "zoo" / "shadow.npz", box / "out", box / "cache", steps=1))
     rows = harness.scan_source(str(manifest), worker)

@@ -208,7 +208,7 @@ def test_limit_keeps_both_labels():
         select_entries(entries, families=["audio"])
 
 
-def test_several_zoos_are_read_together_but_an_id_in_two_is_refused(tmp_path):
+def test_several_zoos_are_read_together_and_ids_in_two_are_qualified_by_their_zoo(tmp_path):
     for name, ids in (("i2i", ["a", "b"]), ("clip", ["c"]), ("dup", ["b"])):
         (tmp_path / name).mkdir()
         lines = [json.dumps({"id": i, "uri": f"encoders/{i}.safetensors", "arch": "timm/x", "label": "clean"})
@@ -216,8 +216,13 @@ def test_several_zoos_are_read_together_but_an_id_in_two_is_refused(tmp_path):
         (tmp_path / name / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     entries = read_zoos([tmp_path / "i2i", tmp_path / "clip"])
     assert [(e["id"], e["_zoo"].name) for e in entries] == [("a", "i2i"), ("b", "i2i"), ("c", "clip")]
-    with pytest.raises(ValueError, match="'b' is in both"):
-        read_zoos([tmp_path / "i2i", tmp_path / "dup"])
+    both = read_zoos([tmp_path / "i2i", tmp_path / "dup"])
+    assert [e["id"] for e in both] == ["i2i/a", "i2i/b", "dup/b"]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "dup").mkdir()
+    (tmp_path / "x" / "dup" / "manifest.jsonl").write_text((tmp_path / "dup" / "manifest.jsonl").read_text())
+    with pytest.raises(ValueError, match="share a name"):
+        read_zoos([tmp_path / "dup", tmp_path / "x" / "dup"])
 
 
 def test_cli_passes_the_options_and_builds_only_the_default_zoo(tmp_path, monkeypatch):

@@ -78,6 +78,11 @@ def test_s3_manifest_scan_writes_one_row_per_entry_and_turns_failures_into_rows(
     want_sha = hashlib.sha256((zoo / "encoders" / "enc0.safetensors").read_bytes()).hexdigest()
     assert rows["enc0"]["sha256"] == rows["copy-of-enc0"]["sha256"] == want_sha
     assert rows["enc0"]["pl1_norm"] == rows["copy-of-enc0"]["pl1_norm"]
+    # the compacted table carries the fleet statistics: 4 comparable encoders are too few, the threshold decides
+    assert {rows[n]["verdict_basis"] for n in ("enc0", "enc1", "enc2")} == {"threshold"}
+    assert rows["enc0"]["fleet_peers"] == 4 and rows["enc0"]["image_size"] == TINY_SIZE
+    assert rows["enc0"]["shadow_sha256"] and rows["enc0"]["patch_verdict"] == rows["enc0"]["verdict"]
+    assert summary.flagged == sum(r["verdict"] == "trojaned" for r in rows.values())
     assert rows["enc0"]["label"] == "trojaned" and rows["enc1"]["label"] == "clean"
     # identical content is scanned once; missing/escape/absolute never reach a scan
     assert summary.scanned == 6 and summary.reused == 1
