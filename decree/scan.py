@@ -59,6 +59,7 @@ class ScanResult:
             "evidence_mask": self.evidence.get("evidence_mask"),
             "evidence_pattern": self.evidence.get("evidence_pattern"),
             "evidence_stamp": self.evidence.get("evidence_stamp"),
+            "evidence_grid": self.evidence.get("evidence_grid"),
             "patch_verdict": self.patch_verdict,
             "blend_pl1": None if b is None else b.pl1_norm,
             "blend_similarity": None if b is None else b.similarity,
@@ -119,7 +120,7 @@ def scan_encoder(
         blend_score = score(blend)
     suspicious = s.verdict == "trojaned" or (blend_score is not None and blend_score.verdict == "trojaned")
     eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
-    evidence = save_evidence(result, evidence_dir, eid) if evidence_dir is not None else {}
+    evidence = save_evidence(result, evidence_dir, eid, pixels) if evidence_dir is not None else {}
     return ScanResult(
         encoder_id=eid,
         arch=arch,

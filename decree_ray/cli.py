@@ -301,6 +301,10 @@ def report(
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     reference: References = None,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
+    html_out: Annotated[
+        Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report here.")
+    ] = None,
+    cards: Annotated[int, typer.Option("--cards", min=1, help="At most this many encoder cards in --html.")] = 100,
 ) -> None:
     """ROC-AUC, TPR at --fpr, confusion matrix at the threshold, roc.png, and the most suspicious encoders.
 
@@ -319,6 +323,14 @@ def report(
         plot = Path("roc.png") if results.startswith("s3://") else Path(results).parent / "roc.png"
     report_mod.plot(rep, rows, plot)
     _print_report(rep, plot)
+    if html_out is not None:
+        from . import html_report
+        from .storage import S3Options
+
+        judged, _, _ = report_mod.rejudge(rows, threshold, reference or (), fleet_cutoff)
+        html_report.write(html_out, judged, rep, options=S3Options(endpoint_url), cards=cards,
+                          roc_png=plot.read_bytes() if rep.roc is not None and plot.is_file() else None)
+        console.print(f"html report: {html_out}")
     if as_json is not None:
         as_json.write_text(json.dumps(rep.to_dict(), indent=2, default=str))
     raise typer.Exit(EXIT_FOUND if rep.flagged else EXIT_CLEAN)

@@ -3,7 +3,7 @@
 1. build a small zoo (4 clean, 4 trojaned encoders; decree.zoo.build_zoo) in DIR/zoo (kept between runs);
 2. start moto's S3 server on a loopback port and upload the zoo to s3://decree-demo/zoo/;
 3. `decree scan s3://decree-demo/zoo/manifest.jsonl --endpoint-url ... --shadow s3://.../shadow.npz --out DIR/out`
-   on an embedded Ray; 4. `decree report DIR/out/results.parquet`; 5. stop the server.
+   on an embedded Ray; 4. `decree report DIR/out/results.parquet --html DIR/out/report.html`; 5. stop the server.
 
 Exit status: 0 when the scan and the report ran (finding backdoors is the point), 2 otherwise.
 """
@@ -105,8 +105,10 @@ def run(workdir: Path, *, steps: int | None = None, profile: str = "fast", cpus:
         )
         if not (out / "results.parquet").is_file():
             return 2
-        report_code = _decree("report", str(out / "results.parquet"), "--fpr", "0.25", env=env)
+        html = out / "report.html"
+        report_code = _decree("report", str(out / "results.parquet"), "--fpr", "0.25", "--html", str(html), env=env)
         print(f"[demo] results: {out / 'results.parquet'}; ROC plot: {out / 'roc.png'}")
+        print(f"[demo] HTML report: {html.resolve()}")
         return 2 if 2 in (scan_code, report_code) else 0
     finally:
         server.stop()

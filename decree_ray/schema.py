@@ -84,7 +84,13 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("decree_version", pa.string(), True, "Version of the `decree` core that produced the row."),
     ("evidence_mask", pa.string(), True, "Path/uri of the inverted mask PNG."),
     ("evidence_pattern", pa.string(), True, "Path/uri of the inverted pattern PNG."),
-    ("evidence_stamp", pa.string(), True, "Path/uri of a shadow image stamped with the inverted trigger."),
+    ("evidence_stamp", pa.string(), True, "Path/uri of the inverted trigger (mask times pattern) on black."),
+    (
+        "evidence_grid",
+        pa.string(),
+        True,
+        "Path/uri of a grid: shadow images, the same stamped with the trigger, the mask as a heat map over them.",
+    ),
     (
         "content_key",
         pa.string(),
@@ -99,7 +105,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
 SCHEMA = pa.schema([pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in _COLUMNS])
 COLUMNS = [name for name, *_ in _COLUMNS]
 # Columns that legitimately differ between two runs over the same encoders.
-VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp")
+VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp",
+                    "evidence_grid")
 # Columns derived from the whole table when it is compacted (decree.fleet), not by the scan of one encoder.
 FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis")
 # Columns taken from a previous scan when an identical checkpoint is reported under another key.
@@ -132,6 +139,7 @@ SCAN_COLUMNS = (
     "evidence_mask",
     "evidence_pattern",
     "evidence_stamp",
+    "evidence_grid",
     "content_key",
 )
 

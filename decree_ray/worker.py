@@ -269,7 +269,7 @@ class ScanWorker:
 
     def _publish_evidence(self, values: dict[str, Any], sha: str, local_dir: Path) -> dict[str, Any]:
         """Upload the evidence PNGs; if that fails the scan still stands: ok row, evidence columns null."""
-        keys = ("evidence_mask", "evidence_pattern", "evidence_stamp")
+        keys = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
         dest = storage.join(self.settings.out, "evidence", sha[:16])
         out = dict(values)
         try:
