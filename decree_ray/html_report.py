@@ -70,8 +70,9 @@ def _read_image(uri: str | None, options) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _score_plots(scanned: list[dict]) -> list[tuple[str, str]]:
-    """Per (arch, image_size): PL1 on a log axis, flagged encoders marked, the threshold drawn."""
+def _score_plots(scanned: list[dict], cutoff: float) -> list[tuple[str, str]]:
+    """Per (arch, image_size): PL1 on a log axis, flagged encoders marked, the threshold drawn; the fleet's
+    anomaly index beneath it when the group had enough peers for one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,21 +84,31 @@ def _score_plots(scanned: list[dict]) -> list[tuple[str, str]]:
         groups[(r.get("arch"), r.get("image_size"))].append(r)
     out = []
     for (arch, size), rows in sorted(groups.items(), key=lambda kv: (-len(kv[1]), str(kv[0]))):
-        fig, ax = plt.subplots(figsize=(9, 2.2))
+        fleet = [r for r in rows if r.get("anomaly_index") is not None]
+        fig, axes = plt.subplots(2 if fleet else 1, 1, figsize=(9, 4.0 if fleet else 2.2), squeeze=False)
         rng = np.random.default_rng(0)
-        for flagged, colour, label in ((False, "tab:blue", "clean verdict"), (True, "tab:red", "flagged")):
-            sel = [r for r in rows if (r.get("verdict") == "trojaned") == flagged]
-            if sel:
-                ax.scatter([max(r["pl1_norm"], 1e-5) for r in sel], rng.uniform(-0.3, 0.3, len(sel)), s=18,
-                           c=colour, label=f"{label} ({len(sel)})", alpha=0.8)
-        thresholds = sorted({r["threshold"] for r in rows if r.get("threshold")})
-        for t in thresholds[:3]:
-            ax.axvline(t, color="tab:orange", lw=1.2, ls="--", label=f"threshold {t:g}")
-        ax.set_xscale("log")
-        ax.set_yticks([])
-        ax.set_ylim(-0.6, 0.6)
-        ax.set_xlabel("PL1 (area fraction of the inverted trigger, log scale; lower = more suspicious)")
-        ax.legend(fontsize=7, loc="upper left", ncol=4)
+        panels = [(axes[0][0], "pl1_norm", "PL1 (area fraction of the inverted trigger, log scale; lower = more "
+                   "suspicious)")]
+        if fleet:
+            panels.append((axes[1][0], "anomaly_index", "anomaly index among comparable encoders (higher = more "
+                           "suspicious)"))
+        for ax, column, xlabel in panels:
+            for flagged, colour, label in ((False, "tab:blue", "clean verdict"), (True, "tab:red", "flagged")):
+                sel = [r for r in rows if (r.get("verdict") == "trojaned") == flagged and r.get(column) is not None]
+                if sel:
+                    xs = [max(r[column], 1e-5) if column == "pl1_norm" else r[column] for r in sel]
+                    ax.scatter(xs, rng.uniform(-0.3, 0.3, len(sel)), s=18, c=colour, label=f"{label} ({len(sel)})",
+                               alpha=0.8)
+            if column == "pl1_norm":
+                for t in sorted({r["threshold"] for r in rows if r.get("threshold")})[:3]:
+                    ax.axvline(t, color="tab:orange", lw=1.2, ls="--", label=f"threshold {t:g}")
+                ax.set_xscale("log")
+            else:
+                ax.axvline(cutoff, color="tab:orange", lw=1.2, ls="--", label=f"fleet cutoff {cutoff:g}")
+            ax.set_yticks([])
+            ax.set_ylim(-0.6, 0.6)
+            ax.set_xlabel(xlabel)
+            ax.legend(fontsize=7, loc="upper left", ncol=4)
         fig.tight_layout()
         title = f"{safe_text(str(arch))} at {size or '?'} px: {len(rows)} encoders"
         out.append((title, _png(fig)))
@@ -174,7 +185,7 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         if roc_png:
             parts.append(f"<img alt='ROC curve' src='data:image/png;base64,{base64.b64encode(roc_png).decode()}'>")
     parts.append("<h2>Scores per architecture</h2>")
-    for title, uri in _score_plots(scanned):
+    for title, uri in _score_plots(scanned, rep.fleet_cutoff):
         parts.append(f"<h3>{_e(title)}</h3><img alt='score distribution' src='{uri}'>")
     ranked = sorted(scanned, key=_suspicion)
     suspicious = [r for r in ranked if r.get("verdict") == "trojaned"] or ranked[: min(len(ranked), 5)]

@@ -301,6 +301,8 @@ def test_demo_scans_a_zoo_from_s3_through_the_real_cli_and_reports(zoo, tmp_path
     assert sorted(r["id"] for r in rows) == ["copy-of-enc0", "enc0", "enc1", "enc2"]
     assert all(r["status"] == "ok" and r["uri"].startswith("s3://decree-demo/zoo/") for r in rows)
     assert (tmp_path / "out" / "roc.png").is_file()
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("class='card") >= 1 and "data:image/png;base64," in page  # evidence grids inlined
 
 
 def test_an_unexpected_exception_exits_2_with_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):

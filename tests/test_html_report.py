@@ -71,3 +71,23 @@ def test_html_report_renders_in_a_browser_with_cards_images_and_hostile_text_ine
     assert "unsafe checkpoint (posix.system)" in dom
     png = screenshot(page, tmp_path / "report.png")
     assert png.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_cards_are_capped_and_paged_most_suspicious_first_for_a_big_fleet():
+    from decree_ray.html_report import render
+    from decree_ray.report import analyze, rejudge
+
+    rows = [new_row(id=f"e{i}", uri=f"/f/e{i}.pt", status="ok", arch="timm/a", image_size=32, shadow_sha256="s",
+                    profile="fast", pl1_norm=0.2 + 0.001 * i, reached_tau=True, threshold=0.03, similarity=0.95,
+                    verdict="clean", patch_verdict="clean") for i in range(60)]
+    rows += [new_row(id=f"t{i}", uri=f"/f/t{i}.pt", status="ok", arch="timm/a", image_size=32, shadow_sha256="s",
+                     profile="fast", pl1_norm=0.001 * (i + 1), reached_tau=True, threshold=0.03, similarity=0.99,
+                     verdict="trojaned", patch_verdict="trojaned") for i in range(45)]
+    judged, _, _ = rejudge(rows)
+    page = render(judged, analyze(rows), cards=41, page_size=20)
+    assert page.count("<div class='card flagged'>") == 41  # capped
+    assert [f"id='page-{k}'" in page for k in (1, 2, 3, 4)] == [True, True, True, False]
+    cards = re.findall(r"<div class='card flagged'><h3>(\w+)</h3>", page)
+    first_page = page.split("id='page-1'")[1]
+    assert re.search(r"<h3>(\w+)</h3>", first_page)[1] == "t0"  # the smallest trigger leads page 1
+    assert len(set(cards)) == 41 and "the first 41 shown" in page
