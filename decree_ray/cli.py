@@ -134,6 +134,7 @@ def scan(
         "fleet_outliers",
         "scanned",
         "reused",
+        "other_settings",
         "retried",
         "skipped_keys",
         "workers",

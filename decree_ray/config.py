@@ -81,6 +81,7 @@ class JobSummary:
     fleet_outliers: int = 0  # of those, flagged only as outliers among their peers
     scanned: int = 0  # scan calls actually made
     reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one)
+    other_settings: int = 0  # ok rows of earlier runs made with other settings: not reused, scanned again
     retried: int = 0  # encoders re-dispatched after their actor died
     skipped_keys: int = 0  # listed objects that are not checkpoints
     workers: int = 0

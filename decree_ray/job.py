@@ -101,11 +101,23 @@ class _Job:
             config.out, every=config.flush_every, seconds=config.flush_seconds, options=config.s3
         )
         finished = results_mod.load_rows(config.out, config.s3)
+        self.settings_key = self._settings_key()
         self.known = results_mod.ok_rows_by_content(finished)
+        # ok rows of earlier runs with other settings (profile, overrides, steps, threshold, shadow set): rescanned
+        self.summary.other_settings = sum(
+            1 for r in finished if r["status"] == "ok"
+            and results_mod.key_settings(r.get("content_key")) not in (None, self.settings_key))
         self.legacy = results_mod.legacy_ok_rows(finished)  # tables from before the content_key column
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
+
+    def _settings_key(self) -> str:
+        """results.settings_key of this run; the shadow set enters by the SHA-256 of its file's bytes."""
+        shadow = results_mod.shadow_digest(self.cfg.shadow, self.cfg.s3)
+        return results_mod.settings_key(profile=self.cfg.profile, overrides=self.cfg.overrides, steps=self.cfg.steps,
+                                        threshold=self.cfg.threshold, shadow_limit=self.cfg.shadow_limit,
+                                        shadow_sha256=shadow)
 
     # -- actors -------------------------------------------------------------------------------------
     def _actor_options(self) -> tuple[float, float, int]:
@@ -142,6 +154,7 @@ class _Job:
             threads=max(1, int(cpus)),
             s3=self.cfg.s3,
             overrides=self.cfg.overrides,
+            settings_key=self.settings_key,
         )
         if self._actor_cls is None:
             self._actor_cls = ray.remote(ScanWorker)
@@ -364,7 +377,7 @@ class _Job:
             return
         task = work.task = result["task"]
         work.size, work.sha = result["size_bytes"], result["sha256"]
-        key = results_mod.task_content_key(work.sha, task, self.cfg.profile)
+        key = results_mod.task_content_key(work.sha, task, self.cfg.profile, self.settings_key)
         done = self.known.get(key) or self.legacy.get((task.uri, work.sha, task.arch, self.cfg.profile))
         if done is not None:
             slot.actor.drop.remote(task.uri)

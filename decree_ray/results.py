@@ -134,21 +134,63 @@ def checkpoint_format(uri: str) -> str:
 
 
 def content_key(sha256: str, arch: str | None, profile: str | None, *, image_size: int | None = None,
-                mean=None, std=None, fmt: str = "") -> str:
+                mean=None, std=None, fmt: str = "", settings: str = "") -> str:
     """Two checkpoints with this key give the same scan: scanned once, reported for each uri.
 
-    Everything the scan's outcome depends on besides the shadow set and settings: the bytes, how they are
-    parsed (format), built (arch) and fed (image_size, mean, std), and the inversion profile."""
-    return json.dumps([sha256, arch, profile, image_size, _floats(mean), _floats(std), fmt], separators=(",", ":"))
+    Everything the scan's outcome depends on: the bytes, how they are parsed (format), built (arch) and fed
+    (image_size, mean, std), the inversion profile, and `settings` (settings_key: overrides, step budget,
+    threshold, shadow set, decree version). A run with other settings matches nothing and rescans."""
+    return json.dumps([sha256, arch, profile, image_size, _floats(mean), _floats(std), fmt, settings],
+                      separators=(",", ":"))
+
+
+def settings_key(*, profile: str, overrides=(), steps: int | None = None, threshold: float | None = None,
+                 shadow_limit: int | None = None, shadow_sha256: str = "") -> str:
+    """A digest of every setting besides the checkpoint that changes a verdict."""
+    import hashlib
+
+    try:
+        from decree import __version__ as version
+    except ImportError:  # the driver may run without the core importable; the workers check their own
+        version = None
+    blob = json.dumps({"profile": profile, "overrides": sorted((str(k), repr(v)) for k, v in overrides),
+                       "steps": steps, "threshold": threshold, "shadow_limit": shadow_limit,
+                       "shadow": shadow_sha256, "decree": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:
+    """SHA-256 of a shadow set as stored: a file's bytes (local or s3://), or a local folder's files and names."""
+    import hashlib
+    from pathlib import Path
+
+    if storage.is_s3(uri):
+        return hashlib.sha256(storage.read_bytes(uri, options)).hexdigest()
+    path = Path(uri)
+    if not path.is_dir():
+        return storage.sha256_file(path)[0]
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.iterdir() if q.is_file()):
+        h.update(p.name.encode("utf-8", "surrogateescape") + b"\0" + storage.sha256_file(p)[0].encode())
+    return h.hexdigest()
+
+
+def key_settings(key: str | None) -> str | None:
+    """The settings part of a content key (None for keys written before it existed)."""
+    try:
+        parts = json.loads(key) if key else None
+    except ValueError:
+        return None
+    return parts[7] if isinstance(parts, list) and len(parts) == 8 else None
 
 
 def _floats(values) -> list[float] | None:
     return None if values is None else [float(x) for x in values]
 
 
-def task_content_key(sha256: str, task, profile: str | None) -> str:
+def task_content_key(sha256: str, task, profile: str | None, settings: str = "") -> str:
     return content_key(sha256, task.arch, profile, image_size=task.image_size, mean=task.mean, std=task.std,
-                       fmt=checkpoint_format(task.uri))
+                       fmt=checkpoint_format(task.uri), settings=settings)
 
 
 def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -45,6 +45,14 @@ class ScanSettings:
     max_checkpoint_bytes: int | None = None  # refuse bigger checkpoints before downloading them
     overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
     s3: S3Options = field(default_factory=S3Options)
+    settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
+
+
+def _settings_key(s: ScanSettings, shadow_sha256: str) -> str:
+    from .results import settings_key
+
+    return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
+                        shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256)
 
 
 def decree_version() -> str | None:
@@ -99,6 +107,7 @@ class ScanWorker:
         self.cache.mkdir(parents=True, exist_ok=True)
         self._shadow = None
         self._config = None
+        self._settings_key = settings.settings_key
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
 
     def _pick_device(self) -> str:
@@ -128,6 +137,10 @@ class ScanWorker:
 
             path, delete = storage.fetch(self.settings.shadow, self.cache / "shadow", self.settings.s3)
             try:
+                if self._settings_key is None:
+                    from .results import shadow_digest
+
+                    self._settings_key = _settings_key(self.settings, shadow_digest(str(path)))
                 self._shadow = ShadowSet(path, limit=self.settings.shadow_limit)  # decoded once, tensors per size
             finally:
                 if delete:
@@ -219,7 +232,8 @@ class ScanWorker:
         if held is None:
             raise RuntimeError(f"scan({uri!r}) without a successful fetch()")
         task = held.task
-        key = content_key(held.sha256, task, self.settings.profile)  # the driver matches resumes on it
+        self._shadow_set()
+        key = content_key(held.sha256, task, self.settings.profile, self._settings_key)  # the driver matches on it
         known = dict(sha256=held.sha256, size_bytes=held.size, content_key=key)
         try:
             if not task.arch:

@@ -139,6 +139,20 @@ def test_resume_after_interrupt_scans_only_unfinished_encoders_and_matches_a_cle
     assert _stable(results_mod.load_rows(str(out))) == _stable(results_mod.load_rows(str(tmp_path / "clean")))
 
 
+def test_a_rerun_with_other_settings_rescans_instead_of_keeping_the_earlier_verdicts(local_ray, zoo, tmp_path):
+    manifest, shadow, out = zoo / "manifest.jsonl", zoo / "shadow.npz", tmp_path / "out"
+    smoke = run_job(_config(manifest, shadow, out, steps=1))
+    assert smoke.scanned == 3 and smoke.other_settings == 0
+    same = run_job(_config(manifest, shadow, out, steps=1))
+    assert same.scanned == 0 and same.reused == 4  # identical settings: nothing to do
+    real = run_job(_config(manifest, shadow, out, steps=3))
+    assert real.scanned == 3 and real.other_settings == 4  # the smoke run's rows did not decide this one
+    rows = results_mod.load_rows(str(out))
+    assert len(rows) == 4 and all(r["steps"] > 1 or r["steps"] == 3 for r in rows if r["status"] == "ok")
+    threshold = run_job(_config(manifest, shadow, out, steps=3, threshold=0.5))
+    assert threshold.scanned == 3  # the threshold changes verdicts (and where settling stops): rescanned
+
+
 NEVER_ENDING = FAST_OVERRIDES + (("min_steps", 10**7), ("early_stop_patience", 10**7), ("settle_fraction", 0.0))
 
 
@@ -242,7 +256,12 @@ def test_content_key_separates_what_changes_a_scan_and_only_that():
     ]
     keys = {results_mod.task_content_key("f" * 64, t, "fast") for t in variants}
     keys |= {results_mod.task_content_key("e" * 64, base, "fast"), results_mod.task_content_key("f" * 64, base, "paper")}
-    assert key not in keys and len(keys) == len(variants) + 2
+    keys |= {results_mod.task_content_key("f" * 64, base, "fast", results_mod.settings_key(profile="fast", steps=5))}
+    assert key not in keys and len(keys) == len(variants) + 3
+    a = results_mod.settings_key(profile="fast", overrides=(("tau", 0.9),), shadow_sha256="s")
+    assert a != results_mod.settings_key(profile="fast", overrides=(("tau", 0.8),), shadow_sha256="s")
+    assert a != results_mod.settings_key(profile="fast", overrides=(("tau", 0.9),), shadow_sha256="t")
+    assert results_mod.key_settings(results_mod.task_content_key("f" * 64, base, "fast", a)) == a
 
 
 def test_a_table_from_before_the_content_key_column_still_resumes_its_own_uris_only(local_ray, zoo, tmp_path):
