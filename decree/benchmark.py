@@ -301,7 +301,8 @@ def summarize(rows: list[dict], profiles: list[str], max_steps: dict[str, int | 
         rb = {r["id"]: r for r in by_profile[b]}
         both = sorted(set(ra) & set(rb))
         out["verdict_agreement"] = statistics.fmean(float(ra[i]["verdict"] == rb[i]["verdict"]) for i in both) if both else None
-        sa, sb = out["profiles"][a]["seconds"], out["profiles"][b]["seconds"]
+        # over the encoders both profiles ran (a profile may skip some, e.g. paper at 224 px)
+        sa, sb = _seconds([ra[i] for i in both]), _seconds([rb[i] for i in both])
         out["speedup"] = sb["mean"] / sa["mean"] if sa["mean"] and sb["mean"] else None
         out["speedup_median"] = sb["median"] / sa["median"] if sa["median"] and sb["median"] else None
         paired = [rb[i]["seconds"] / ra[i]["seconds"] for i in both if ra[i]["seconds"]]

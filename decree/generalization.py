@@ -158,9 +158,10 @@ def markdown(summary: dict, profiles: list[str], cutoff: float = DEFAULT_CUTOFF)
             for p in profiles:
                 head += [f"AUC {p}", f"TPR@5% {p}", f"threshold TP/FP {p}", f"fleet TP/FP {p}", f"s/enc {p}"]
             body = []
-            names = list(next(iter(per.values()))["families"]) + ["all"]
+            first_profile = next(p for p in profiles if p in per)  # a profile may skip a condition (paper at 224 px)
+            names = list(per[first_profile]["families"]) + ["all"]
             for name in names:
-                first = per[profiles[0]]
+                first = per[first_profile]
                 g0 = first["overall"] if name == "all" else first["families"].get(name)
                 if g0 is None:
                     continue
@@ -178,10 +179,11 @@ def markdown(summary: dict, profiles: list[str], cutoff: float = DEFAULT_CUTOFF)
             md += _table(head, body) + [""]
             bhead = ["trigger", "trojaned", *[f"AUC {p}" for p in profiles], *[f"fleet TP {p}" for p in profiles]]
             brows = []
-            for name, g0 in per[profiles[0]]["buckets"].items():
+            for name, g0 in per[first_profile]["buckets"].items():
                 row = [name, str(g0["n_trojaned"])]
-                row += [_f(per[p]["buckets"].get(name, {}).get("auc")) for p in profiles]
-                row += [str(per[p]["buckets"].get(name, {}).get("fleet", {}).get("tp", "-")) for p in profiles]
+                row += [_f(per.get(p, {}).get("buckets", {}).get(name, {}).get("auc")) for p in profiles]
+                row += [str(per.get(p, {}).get("buckets", {}).get(name, {}).get("fleet", {}).get("tp", "-"))
+                        for p in profiles]
                 brows.append(row)
             if brows:
                 md += ["By trigger kind and size (trojans of the bucket against the clean encoders of their "

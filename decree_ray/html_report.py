@@ -170,23 +170,6 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         ("cost", f"{seconds / 3600:.3f} worker-hours (device-hours at one encoder per device)"),
     ]
     parts += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary] + ["</table>"]
-    if rep.labeled:
-        parts.append("<h2>Against the labels</h2><table>")
-        parts.append(f"<tr><th>labeled</th><td>{rep.labeled} ({rep.positives} trojaned, {rep.negatives} clean)</td></tr>")
-        if rep.auc is not None:
-            parts.append(f"<tr><th>ROC-AUC</th><td class='num'>{rep.auc:.4f}</td></tr>")
-            parts.append(f"<tr><th>TPR at FPR &le; {rep.fpr_target:g}</th><td class='num'>{_f(rep.tpr_at_fpr, '.3f')} "
-                         f"(PL1 &le; {_f(rep.threshold_at_fpr)})</td></tr>")
-        if rep.confusion:
-            c = rep.confusion
-            parts.append(f"<tr><th>confusion</th><td>TP {c['tp']} &middot; FP {c['fp']} &middot; FN {c['fn']} "
-                         f"&middot; TN {c['tn']}</td></tr>")
-        parts.append("</table>")
-        if roc_png:
-            parts.append(f"<img alt='ROC curve' src='data:image/png;base64,{base64.b64encode(roc_png).decode()}'>")
-    parts.append("<h2>Scores per architecture</h2>")
-    for title, uri in _score_plots(scanned, rep.fleet_cutoff):
-        parts.append(f"<h3>{_e(title)}</h3><img alt='score distribution' src='{uri}'>")
     ranked = sorted(scanned, key=_suspicion)
     suspicious = [r for r in ranked if r.get("verdict") == "trojaned"] or ranked[: min(len(ranked), 5)]
     shown = suspicious[:cards]
@@ -205,6 +188,9 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         parts.append(f"<section id='page-{k + 1}' class='{cls}'><div class='cards'>")
         parts += [_card(r, options) for r in pages[k]]
         parts.append("</div></section>")
+    parts.append("<h2>Scores per architecture</h2>")
+    for title, uri in _score_plots(scanned, rep.fleet_cutoff):
+        parts.append(f"<h3>{_e(title)}</h3><img alt='score distribution' src='{uri}'>")
     groups = error_groups(rows)
     parts.append("<h2>Errors</h2>")
     if groups:
@@ -215,6 +201,20 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         parts.append("</table>")
     else:
         parts.append("<p class='muted'>None.</p>")
+    if rep.labeled:
+        parts.append("<h2>Against the labels</h2><table>")
+        parts.append(f"<tr><th>labeled</th><td>{rep.labeled} ({rep.positives} trojaned, {rep.negatives} clean)</td></tr>")
+        if rep.auc is not None:
+            parts.append(f"<tr><th>ROC-AUC</th><td class='num'>{rep.auc:.4f}</td></tr>")
+            parts.append(f"<tr><th>TPR at FPR &le; {rep.fpr_target:g}</th><td class='num'>{_f(rep.tpr_at_fpr, '.3f')} "
+                         f"(PL1 &le; {_f(rep.threshold_at_fpr)})</td></tr>")
+        if rep.confusion:
+            c = rep.confusion
+            parts.append(f"<tr><th>confusion</th><td>TP {c['tp']} &middot; FP {c['fp']} &middot; FN {c['fn']} "
+                         f"&middot; TN {c['tn']}</td></tr>")
+        parts.append("</table>")
+        if roc_png:
+            parts.append(f"<img alt='ROC curve' src='data:image/png;base64,{base64.b64encode(roc_png).decode()}'>")
     body = "\n".join(parts)
     digest = base64.b64encode(hashlib.sha256(_READY_JS.encode()).digest()).decode()
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
@@ -241,8 +241,7 @@ def _card(r: dict, options) -> str:
     thr, pl1 = r.get("threshold"), r.get("pl1_norm")
     margin = f"{pl1 / thr:.2f}× the threshold" if thr and pl1 is not None else "-"
     facts = [
-        ("verdict", f"<b class='{'bad' if flagged else ''}'>{_e(r.get('verdict'))}</b> "
-                    f"({_e(r.get('verdict_basis') or 'threshold')})"),
+        ("verdict", f"<b class='{'bad' if flagged else ''}'>{_e(r.get('verdict'))}</b> ({_e(_why(r))})"),
         ("PL1", f"{_f(pl1)} ({margin})"),
         ("anomaly index", _f(r.get("anomaly_index"), ".2f") + f" among {r.get('fleet_peers') or 0} peers"),
         ("similarity reached", f"{_f(r.get('similarity'), '.3f')} (τ {'reached' if r.get('reached_tau') else 'not reached'})"),
@@ -256,6 +255,14 @@ def _card(r: dict, options) -> str:
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
     return (f"<div class='card{' flagged' if flagged else ''}'><h3>{_e(r.get('id'))}</h3>{imgs}"
             f"<table>{rows}</table></div>")
+
+
+def _why(r: dict) -> str:
+    if r.get("patch_verdict") == "trojaned" or r.get("blend_verdict") == "trojaned":
+        return "below its threshold"
+    if r.get("verdict") == "trojaned":
+        return "an outlier among its peers"
+    return "fleet and threshold" if r.get("verdict_basis") == "fleet" else "threshold; too few peers for a fleet"
 
 
 def write(path: str | Path, rows: list[dict], rep, **kw) -> Path:

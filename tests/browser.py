@@ -21,7 +21,7 @@ def dump_dom(page: Path, timeout: float = 120) -> str:
     return out.stdout
 
 
-def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2000, timeout: float = 120) -> Path:
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1500, timeout: float = 120) -> Path:
     png.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([chromium(), *_FLAGS, f"--window-size={width},{height}", f"--screenshot={png.resolve()}",
                     page.resolve().as_uri()], capture_output=True, timeout=timeout, check=True)
