@@ -80,22 +80,25 @@ def iter_tasks(
         prefix = source if source.endswith("/") or not source.rsplit("/", 1)[-1] else source + "/"
         if _is_checkpoint(source):  # a single object
             prefix = source
-        listing = storage.iter_s3_objects(prefix, options)
+        listing = ((uri, size, None) for uri, size in storage.iter_s3_objects(prefix, options))
     else:
         path = Path(source)
         if path.is_file():
-            prefix, listing = str(path.parent) + "/", iter([(str(path), path.stat().st_size)])
+            prefix, listing = str(path.parent) + "/", iter([(str(path), path.stat().st_size, None)])
         elif path.is_dir():
             prefix, listing = str(path).rstrip("/") + "/", storage.iter_local_files(path)
         else:
             raise FileNotFoundError(f"source not found: {source} (expected a folder, s3://bucket/prefix or a manifest)")
     suffixes = checkpoint_suffixes()
-    for uri, size in listing:
+    for uri, size, problem in listing:
         stats.listed += 1
         if PurePosixPath(uri.lower()).suffix not in suffixes:
             stats.skip(uri)
             continue
         rel = uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+        if problem is not None:  # a row that says why, never a silent gap or an aborted listing
+            yield EncoderTask(id=rel.lstrip("/"), uri=uri, arch=arch, status="skipped", error=problem)
+            continue
         yield EncoderTask(id=rel.lstrip("/"), uri=uri, arch=arch, size_bytes=size, sidecar=True)
 
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -80,13 +81,32 @@ def iter_s3_objects(uri: str, options: S3Options = DEFAULT_S3) -> Iterator[tuple
             yield f"s3://{bucket}/{obj['Key']}", int(obj["Size"])
 
 
-def iter_local_files(folder: str | Path) -> Iterator[tuple[str, int]]:
-    """(path, size) of every file under a folder, sorted per directory, walked lazily."""
-    for root, dirs, files in os.walk(folder):
+def iter_local_files(folder: str | Path) -> Iterator[tuple[str, int | None, str | None]]:
+    """(path, size, None) of every regular file under a folder, sorted per directory, walked lazily; entries
+    that are not to be read come as (path, None, reason): a dangling symlink, a symlink out of the folder
+    (never followed: its target is not the audited party's to name), a FIFO, socket or device."""
+    root_real = os.path.realpath(folder)
+    for root, dirs, files in os.walk(folder):  # os.walk does not descend into symlinked folders
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(root, name)
-            yield path, os.path.getsize(path)
+            try:
+                if os.path.islink(path):
+                    target = os.path.realpath(path)
+                    if os.path.commonpath([root_real, target]) != root_real:
+                        yield path, None, "symlink out of the scanned folder (not followed)"
+                        continue
+                    if not os.path.exists(target):
+                        yield path, None, "dangling symlink"
+                        continue
+                st = os.stat(path)
+            except (OSError, ValueError) as e:
+                yield path, None, f"cannot stat: {type(e).__name__}"
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                yield path, None, "not a regular file (FIFO, socket or device)"
+                continue
+            yield path, st.st_size, None
 
 
 def exists(uri: str, options: S3Options = DEFAULT_S3) -> bool:

@@ -199,3 +199,28 @@ def test_worker_takes_arch_from_the_sidecar_downloads_hashes_and_deletes_its_cop
     assert len(cached) == 1 and cached[0].is_relative_to(tmp_path)
     assert row["status"] == "ok" and row["arch"] == TINY_ARCH and row["sha256"] == fetched["sha256"]
     assert not list(tmp_path.rglob("*.safetensors"))  # the downloaded copy is gone after the scan
+
+
+def test_a_folder_listing_never_follows_links_out_and_reports_what_it_cannot_read(tmp_path):
+    import os
+
+    from decree_ray.sources import iter_tasks
+
+    root = tmp_path / "fleet"
+    (root / "sub").mkdir(parents=True)
+    (root / "real.safetensors").write_bytes(b"x" * 10)
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"private")
+    os.symlink(secret, root / "leak.safetensors")  # out of the scanned folder
+    os.symlink(root / "real.safetensors", root / "sub" / "inside.safetensors")  # a cache's blob link: followed
+    os.symlink(tmp_path / "nowhere", root / "dangling.pt")
+    os.symlink("missing.pt", root / "dangling-inside.pt")
+    os.mkfifo(root / "pipe.pt")
+    tasks = {t.id: t for t in iter_tasks(str(root))}
+    assert tasks["real.safetensors"].status == "pending" and tasks["sub/inside.safetensors"].status == "pending"
+    assert tasks["sub/inside.safetensors"].size_bytes == 10
+    assert tasks["leak.safetensors"].status == "skipped" and "out of the scanned folder" in tasks["leak.safetensors"].error
+    assert tasks["leak.safetensors"].size_bytes is None  # nothing about the target leaks into the row
+    assert tasks["dangling.pt"].status == "skipped"
+    assert tasks["dangling-inside.pt"].error == "dangling symlink"
+    assert tasks["pipe.pt"].status == "skipped" and "not a regular file" in tasks["pipe.pt"].error
