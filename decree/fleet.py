@@ -88,7 +88,9 @@ def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig
 
 def _judge(rows: list[dict], i: int, basis: list[int], peers: int, config: FleetConfig) -> dict:
     row = rows[i]
-    absolute = row.get("patch_verdict", row.get("verdict")) == "trojaned" or row.get("blend_verdict") == "trojaned"
+    # rows from before the patch_verdict column: their verdict was the patch search's
+    patch = row.get("patch_verdict") or row.get("verdict")
+    absolute = patch == "trojaned" or row.get("blend_verdict") == "trojaned"
     if peers < config.min_peers:
         return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold",
                 "verdict": "trojaned" if absolute else "clean"}

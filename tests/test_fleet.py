@@ -114,3 +114,8 @@ def test_report_reads_tables_from_before_the_fleet_columns():
     old.append({k: v for k, v in row(99, 0.01, patch="trojaned").items() if k != "patch_verdict"})
     rep = analyze(old)
     assert rep.flagged == 1 and rep.fleet_outliers == 0
+
+
+def test_a_row_from_before_the_patch_verdict_column_keeps_its_trojaned_verdict():
+    rows = clean_fleet() + [dict(row(99, 0.01, patch="trojaned"), patch_verdict=None)]
+    assert {r["id"]: r["verdict"] for r in assign(rows)}["e99"] == "trojaned"
