@@ -173,10 +173,11 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
     ranked = sorted(scanned, key=_suspicion)
     suspicious = [r for r in ranked if r.get("verdict") == "trojaned"] or ranked[: min(len(ranked), 5)]
     shown = suspicious[:cards]
-    parts.append(f"<h2>Suspicious encoders</h2><p class='muted'>{len(suspicious)} flagged, most suspicious first"
+    n_flagged = verdicts.get("trojaned", 0)
+    parts.append(f"<h2>Suspicious encoders</h2><p class='muted'>{n_flagged} flagged, most suspicious first"
                  + (f"; the first {len(shown)} shown (--cards)" if len(shown) < len(suspicious) else "")
-                 + (". Nothing was flagged: the least clean-looking encoders are shown." if not verdicts.get("trojaned")
-                    else "") + "</p>")
+                 + (". Nothing was flagged: the least clean-looking encoders are shown." if not n_flagged else "")
+                 + "</p>")
     pages = [shown[i:i + page_size] for i in range(0, len(shown), page_size)] or [[]]
     if len(pages) > 1:
         parts.append("<p class='pager'>pages: " + " ".join(f"<a href='#page-{k + 1}'>{k + 1}</a>"
