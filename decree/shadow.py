@@ -13,6 +13,11 @@ import torch.nn.functional as F
 from .errors import ShadowError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# What PIL may decode a shadow image as, whatever its name says: an "image" that is really EPS would otherwise
+# make PIL start Ghostscript. And at most this many pixels: a decompression bomb is refused before decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_SIDE = 1024  # mixed sizes are brought to the most common size, never above this
 _BYTES_COLUMNS = ("image", "image_bytes", "bytes", "img", "png", "jpeg")
 
 
@@ -20,10 +25,12 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ShadowError(f"shadow image {name} is {im.width}x{im.height}: over {MAX_IMAGE_PIXELS} pixels")
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ShadowError(f"corrupt image in shadow set: {name}: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ShadowError(f"corrupt image in shadow set (PNG, JPEG, BMP or WEBP only): {name}: {e}") from e
 
 
 def _from_array(x, where: str) -> np.ndarray:
@@ -44,8 +51,12 @@ def _from_array(x, where: str) -> np.ndarray:
 def _stack(images: list[np.ndarray], where: str) -> np.ndarray:
     if not images:
         raise ShadowError(f"shadow set is empty: {where}")
-    h = max(im.shape[0] for im in images)
-    w = max(im.shape[1] for im in images)
+    from collections import Counter
+
+    # the most common size (not the largest: one huge image must not upscale all the others), capped
+    (h, w), _ = Counter(im.shape[:2] for im in images).most_common(1)[0]
+    scale = min(1.0, MAX_SIDE / max(h, w))
+    h, w = max(2, round(h * scale)), max(2, round(w * scale))
     if all(im.shape[:2] == (h, w) for im in images):
         return np.stack(images)
     from PIL import Image  # mixed sizes: bring all to the largest before the encoder-size resize

@@ -1,7 +1,7 @@
 """Results on disk (or S3): atomic Parquet part files, compaction into results.parquet, and resume state.
 
 Layout under OUT: `parts/part-<run>-<seq>.parquet` (written as rows arrive), `results.parquet` (one row per
-uri, the latest one wins), `evidence/<sha256[:16]>/*.png`. A crash loses at most the rows not yet flushed;
+uri, the latest one wins), `evidence/<sha256(content_key)[:16]>/*.png`. A crash loses at most the rows not yet flushed;
 the next run reads what is there and does not scan those encoders again.
 """
 

@@ -55,6 +55,13 @@ def _settings_key(s: ScanSettings, shadow_sha256: str) -> str:
                         shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256)
 
 
+def _evidence_key(content_key: str) -> str:
+    """Evidence folder name: the same bytes scanned with other preprocessing or settings get their own images."""
+    import hashlib
+
+    return hashlib.sha256(content_key.encode()).hexdigest()[:16]
+
+
 def decree_version() -> str | None:
     try:
         import decree
@@ -250,7 +257,7 @@ class ScanWorker:
         task = held.task
         evidence_dir = None
         if self.settings.evidence and self.settings.out:
-            evidence_dir = self.cache / "evidence" / held.sha256[:16]
+            evidence_dir = self.cache / "evidence" / _evidence_key(known["content_key"])
         try:
             from decree.scan import scan_encoder
 
@@ -276,15 +283,15 @@ class ScanWorker:
         if not all(math.isfinite(float(values.get(k) or 0.0)) for k in ("l1_norm", "pl1_norm", "similarity")):
             return error_row(task, "inversion produced a non-finite result (NaN/Inf)", **known)
         if evidence_dir is not None:
-            values = self._publish_evidence(values, held.sha256, evidence_dir)
+            values = self._publish_evidence(values, _evidence_key(known["content_key"]), evidence_dir)
         values = {k: v for k, v in values.items() if k not in ("id", "uri", "status", "arch", "label", "error")}
         values.setdefault("decree_version", decree_version())
         return new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label, **known, **values)
 
-    def _publish_evidence(self, values: dict[str, Any], sha: str, local_dir: Path) -> dict[str, Any]:
+    def _publish_evidence(self, values: dict[str, Any], folder: str, local_dir: Path) -> dict[str, Any]:
         """Upload the evidence PNGs; if that fails the scan still stands: ok row, evidence columns null."""
         keys = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
-        dest = storage.join(self.settings.out, "evidence", sha[:16])
+        dest = storage.join(self.settings.out, "evidence", folder)
         out = dict(values)
         try:
             for key in keys:
@@ -294,7 +301,7 @@ class ScanWorker:
                     storage.upload_file(src, target, self.settings.s3)
                     out[key] = target
         except Exception as e:  # noqa: BLE001 - evidence is a by-product; losing it must not lose the verdict
-            log.warning("evidence upload for %s failed: %s", sha[:16], redact(error_text(e)))
+            log.warning("evidence upload for %s failed: %s", folder, redact(error_text(e)))
             out.update(dict.fromkeys(keys))
         finally:
             shutil.rmtree(local_dir, ignore_errors=True)

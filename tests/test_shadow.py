@@ -78,3 +78,43 @@ def test_shadow_set_caches_pixels_per_size(images):
 def test_bad_shadow_input_is_a_clear_error(tmp_path, make, match):
     with pytest.raises(ShadowError, match=match):
         load_shadow(make(tmp_path), 16)
+
+
+def test_a_shadow_image_is_decoded_only_as_png_jpeg_bmp_or_webp_whatever_its_name(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from decree.errors import ShadowError
+    from decree.shadow import read_images
+
+    folder = tmp_path / "shadow"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(folder / f"ok{i}.png")
+    # an EPS/PostScript file named .png: PIL would hand it to Ghostscript
+    (folder / "evil.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(ShadowError, match="PNG, JPEG, BMP or WEBP"):
+        read_images(folder)
+    (folder / "evil.png").unlink()
+    Image.new("RGB", (8, 8)).save(folder / "gif.png", format="GIF")
+    with pytest.raises(ShadowError):
+        read_images(folder)
+
+
+def test_one_huge_shadow_image_does_not_upscale_the_others_and_a_bomb_is_refused(tmp_path, monkeypatch):
+    import pytest
+    from PIL import Image
+
+    import decree.shadow as shadow_mod
+    from decree.errors import ShadowError
+
+    folder = tmp_path / "shadow"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 12)).save(folder / f"small{i}.png")
+    Image.new("RGB", (900, 700)).save(folder / "big.png")
+    x = shadow_mod.read_images(folder)
+    assert x.shape == (4, 12, 16, 3)  # the common size, not the largest
+    monkeypatch.setattr(shadow_mod, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(ShadowError, match="over 10000 pixels"):
+        shadow_mod.read_images(folder)
