@@ -86,11 +86,16 @@ def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig
     return out
 
 
+def below_threshold(row: dict) -> bool:
+    """Flagged by a search's own threshold (patch or blend), whatever the fleet says. A row from before the
+    patch_verdict column has its verdict as the patch search's."""
+    patch = row.get("patch_verdict") or row.get("verdict")
+    return patch == "trojaned" or row.get("blend_verdict") == "trojaned"
+
+
 def _judge(rows: list[dict], i: int, basis: list[int], peers: int, config: FleetConfig) -> dict:
     row = rows[i]
-    # rows from before the patch_verdict column: their verdict was the patch search's
-    patch = row.get("patch_verdict") or row.get("verdict")
-    absolute = patch == "trojaned" or row.get("blend_verdict") == "trojaned"
+    absolute = below_threshold(row)
     if peers < config.min_peers:
         return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold",
                 "verdict": "trojaned" if absolute else "clean"}

@@ -259,7 +259,9 @@ def _card(r: dict, options) -> str:
 
 
 def _why(r: dict) -> str:
-    if r.get("patch_verdict") == "trojaned" or r.get("blend_verdict") == "trojaned":
+    from decree.fleet import below_threshold
+
+    if below_threshold(r):
         return "below its threshold"
     if r.get("verdict") == "trojaned":
         return "an outlier among its peers"

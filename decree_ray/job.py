@@ -274,13 +274,12 @@ class _Job:
 
     def _fleet(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Fleet verdicts over the whole table (this run and earlier ones): outliers among comparable encoders."""
-        from decree.fleet import FleetConfig, assign
+        from decree.fleet import FleetConfig, assign, below_threshold
 
         rows = assign(rows, self.cfg.references, FleetConfig(cutoff=self.cfg.fleet_cutoff))
         flagged = [r for r in rows if r.get("verdict") == "trojaned"]
         self.summary.flagged = len(flagged)
-        self.summary.fleet_outliers = sum(1 for r in flagged if r.get("patch_verdict") != "trojaned"
-                                          and r.get("blend_verdict") != "trojaned")
+        self.summary.fleet_outliers = sum(1 for r in flagged if not below_threshold(r))
         return rows
 
     def _stop_actors(self, ray) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_CUTOFF
+
 POSITIVE, NEGATIVE = "trojaned", "clean"
 
 
@@ -39,7 +41,7 @@ class Report:
     quantiles: dict[str, float] = field(default_factory=dict)  # PL1 distribution of scanned encoders
     suspicious: list[dict[str, Any]] = field(default_factory=list)  # lowest PL1 first
     roc: tuple[list[float], list[float]] | None = None  # (fpr, tpr) points
-    fleet_cutoff: float = 3.0
+    fleet_cutoff: float = DEFAULT_CUTOFF
     fleet_judged: int = 0  # rows whose group had enough peers for a fleet statistic (verdict_basis fleet)
     fleet_outliers: int = 0  # flagged only as outliers among their peers, not by a threshold
     references: int = 0  # reference encoders found among the rows
@@ -67,15 +69,15 @@ def _predict(row: dict[str, Any], threshold: float) -> bool:
 
 
 def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, references=(),
-            fleet_cutoff: float = 3.0) -> tuple[list[dict[str, Any]], str, float]:
+            fleet_cutoff: float = DEFAULT_CUTOFF) -> tuple[list[dict[str, Any]], str, float]:
     """The verdicts re-derived from the table: each row's own thresholds (or `threshold` for the patch search),
     then the fleet statistics. Returns (rows, threshold source, the patch threshold in use)."""
     from decree.fleet import FleetConfig, assign
 
     ok = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
-    ok_ids = {id(r) for r in ok}
     if threshold is not None:
         source, t = "--threshold", float(threshold)
+        ok_ids = {id(r) for r in ok}
         rows = [dict(r, patch_verdict=(POSITIVE if _predict(r, t) else NEGATIVE)) if id(r) in ok_ids else r
                 for r in rows]
     else:
@@ -86,15 +88,15 @@ def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, referenc
             from decree.scoring import DEFAULT_THRESHOLD
 
             source, t = "default", DEFAULT_THRESHOLD
-        # rows from before the patch_verdict column: their verdict was the patch verdict
-        rows = [r if r.get("patch_verdict") or id(r) not in ok_ids else
-                dict(r, patch_verdict=r.get("verdict") or (POSITIVE if _predict(r, t) else NEGATIVE)) for r in rows]
+    # rows from before the patch_verdict column keep their verdict as the patch verdict (decree.fleet)
     return assign(rows, references, FleetConfig(cutoff=fleet_cutoff)), source, t
 
 
 def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float | None = None, top: int = 10,
-            references=(), fleet_cutoff: float = 3.0) -> Report:
+            references=(), fleet_cutoff: float = DEFAULT_CUTOFF) -> Report:
     from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+    from decree.fleet import below_threshold
 
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
@@ -111,8 +113,7 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
         fpr_target=fpr,
         fleet_cutoff=fleet_cutoff,
         fleet_judged=sum(r.get("verdict_basis") == "fleet" for r in scanned),
-        fleet_outliers=sum(f and r.get("patch_verdict") != POSITIVE and r.get("blend_verdict") != POSITIVE
-                           for r, f in zip(scanned, flagged, strict=True)),
+        fleet_outliers=sum(f and not below_threshold(r) for r, f in zip(scanned, flagged, strict=True)),
         references=sum(1 for r in scanned if r.get("id") in set(references) or r.get("uri") in set(references)),
     )
     pl1 = np.array([r["pl1_norm"] for r in scanned], dtype=float)
