@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fleet import DEFAULT_CUTOFF, log_score, robust_index
+from .fleet import DEFAULT_CUTOFF, MIN_REFERENCES, log_score, robust_index
 
 TUNE_SEEDS = (0,)
 CONDITIONS = {"shadow.npz": "in-distribution", "shadow-photos.npz": "photos"}
@@ -76,7 +76,7 @@ def fleet_flags(rows: list[dict], cutoff: float = DEFAULT_CUTOFF) -> dict[int, t
     for r in rows:
         pop = [v for c in peers[key(r)] if c is not r and (v := log_score(c, "pl1_norm")) is not None]
         mine = log_score(r, "pl1_norm")
-        index = robust_index(mine, pop) if mine is not None and len(pop) >= 3 else None
+        index = robust_index(mine, pop) if mine is not None and len(pop) >= MIN_REFERENCES else None
         absolute = r.get("verdict") == "trojaned"
         out[id(r)] = (index, absolute or (index is not None and index > cutoff))
     return out

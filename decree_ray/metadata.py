@@ -16,12 +16,13 @@ class MetadataError(ValueError):
     pass
 
 
-def _missing(value: Any) -> bool:
+def missing(value: Any) -> bool:
+    """None, an empty string or a NaN (a CSV or Parquet manifest's empty cell)."""
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
 def text(value: Any, what: str) -> str | None:
-    if _missing(value):
+    if missing(value):
         return None
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise MetadataError(f"{what} must be a string, got {type(value).__name__}")
@@ -32,7 +33,7 @@ def text(value: Any, what: str) -> str | None:
 
 
 def image_size(value: Any) -> int | None:
-    if _missing(value):
+    if missing(value):
         return None
     if isinstance(value, str):
         value = value.strip()
@@ -53,7 +54,7 @@ def floats(value: Any, what: str) -> tuple[float, ...] | None:
     """1 or 3 finite numbers (a list, or a string "0.5,0.5,0.5" / "[0.5, ...]" from a CSV cell)."""
     import json
 
-    if _missing(value):
+    if missing(value):
         return None
     if isinstance(value, str):
         s = value.strip()

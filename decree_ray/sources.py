@@ -12,7 +12,6 @@ import codecs
 import csv
 import io
 import json
-import math
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import storage
-from .metadata import MetadataError, preprocessing
+from .metadata import MetadataError, missing, preprocessing
 from .redact import redact
 from .storage import DEFAULT_S3, S3Options
 
@@ -165,21 +164,17 @@ def _iter_manifest_records(manifest: str, options: S3Options) -> Iterator[dict[s
         yield record if isinstance(record, dict) else ValueError(f"manifest line {n} is not a JSON object")
 
 
-def _missing(value: Any) -> bool:
-    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
-
-
 def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str | None) -> EncoderTask:
     raw_uri = record.get("uri")
     raw_uri = redact(raw_uri) if isinstance(raw_uri, str) else raw_uri  # presigned URLs carry credentials
     rid = record.get("id")
-    ident = str(rid)[:300] if not _missing(rid) and isinstance(rid, (str, int)) else None
+    ident = str(rid)[:300] if not missing(rid) and isinstance(rid, (str, int)) else None
     ident = ident or (str(raw_uri)[:300] if isinstance(raw_uri, str) and raw_uri else f"line-{n}")
     label = record.get("label") if isinstance(record.get("label"), str) else None
     try:
-        if not _missing(raw_uri) and not isinstance(raw_uri, str):
+        if not missing(raw_uri) and not isinstance(raw_uri, str):
             raise ValueError(f"uri must be a string, got {type(raw_uri).__name__}")
-        uri = resolve_manifest_uri(manifest, "" if _missing(raw_uri) else raw_uri)
+        uri = resolve_manifest_uri(manifest, "" if missing(raw_uri) else raw_uri)
     except ValueError as e:
         # entries without a uri each keep their own row (the job keeps one row per uri)
         uri = f"{manifest}#{n}" if not isinstance(raw_uri, str) or not raw_uri.strip() else raw_uri
