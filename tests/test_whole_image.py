@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from twins import make_twins
 
 from decree import create_encoder, invert, scan_encoder
 from decree.inversion import InversionConfig
-from decree.zoo.data import load_fashion_mnist, to_pixels
-from decree.zoo.train import _decoy, badencoder_attack, frozen_copy
+from decree.zoo.train import _decoy
 from decree.zoo.triggers import GlobalTrigger, Trigger, sample_global_trigger, trigger_from_dict
 
 SIZE = 32
@@ -68,15 +68,7 @@ def test_blend_search_is_off_by_default_and_never_part_of_the_paper_profile():
 @pytest.fixture(scope="module")
 def blend_twins():
     """A clean Lite0 (ImageNet weights) and a copy backdoored with a whole-image blend at α 0.15."""
-    torch.manual_seed(0)
-    x, y = load_fashion_mnist("test")
-    train, shadow = to_pixels(x[:256]), to_pixels(x[5000:5096])
-    clean = create_encoder("timm/tf_efficientnet_lite0", pretrained=True, image_size=SIZE)
-    trojan = frozen_copy(clean)
-    trigger = GlobalTrigger("blend", 0.15, seed=7)
-    badencoder_attack(trojan, clean, train[y[:256] != 0], train[y[:256] == 0][:1], trigger, steps=40, lr=3e-4,
-                      batch_size=32, seed=0)
-    return clean, trojan, shadow
+    return make_twins(GlobalTrigger("blend", 0.15, seed=7), size=SIZE, n_shadow=96)
 
 
 def test_the_blend_search_needs_a_far_smaller_blend_weight_on_a_blend_trojan(blend_twins):

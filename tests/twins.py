@@ -1,0 +1,21 @@
+"""A clean Lite0 (real ImageNet weights) and a BadEncoder copy of it with a given trigger, built in seconds."""
+
+from __future__ import annotations
+
+import torch
+
+from decree import create_encoder
+from decree.zoo.data import load_fashion_mnist, to_pixels
+from decree.zoo.train import badencoder_attack, frozen_copy
+
+
+def make_twins(trigger, *, size: int = 32, n_shadow: int = 128, steps: int = 40):
+    """(clean, trojan, shadow pixels): 256 Fashion-MNIST test images attack, `n_shadow` others are the shadow set."""
+    torch.manual_seed(0)
+    x, y = load_fashion_mnist("test")
+    train, shadow = to_pixels(x[:256]), to_pixels(x[5000:5000 + n_shadow])
+    clean = create_encoder("timm/tf_efficientnet_lite0", pretrained=True, image_size=size)
+    trojan = frozen_copy(clean)
+    badencoder_attack(trojan, clean, train[y[:256] != 0], train[y[:256] == 0][:1], trigger, steps=steps, lr=3e-4,
+                      batch_size=32, seed=0)
+    return clean, trojan, shadow
