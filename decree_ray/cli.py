@@ -143,6 +143,10 @@ def scan(
     table.add_row("seconds", f"{summary.seconds:.1f}")
     table.add_row("results", summary.results)
     console.print(table)
+    if summary.skipped_examples:  # never a silent gap: name what was listed but is not a checkpoint
+        more = summary.skipped_keys - len(summary.skipped_examples)
+        names = ", ".join(str(n)[:200] for n in summary.skipped_examples) + (f" and {more} more" if more > 0 else "")
+        console.print(_text(f"skipped, not checkpoints (rows with status skipped): {names}"))
     raise typer.Exit(summary.exit_code)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,8 @@ class JobSummary:
     reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one)
     other_settings: int = 0  # ok rows of earlier runs made with other settings: not reused, scanned again
     retried: int = 0  # encoders re-dispatched after their actor died
-    skipped_keys: int = 0  # listed objects that are not checkpoints
+    skipped_keys: int = 0  # listed objects that are not checkpoints (each is also a `skipped` row)
+    skipped_examples: list = field(default_factory=list)  # the first of their names
     workers: int = 0
     seconds: float = 0.0
 

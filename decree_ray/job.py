@@ -269,6 +269,7 @@ class _Job:
                 if flushed:
                     results_mod.compact(self.cfg.out, self.cfg.s3, finalize=self._fleet)
         self.summary.skipped_keys = self.stats.skipped_keys
+        self.summary.skipped_examples = list(self.stats.skipped_examples)
         self.summary.seconds = time.monotonic() - t0
         return self.summary
 

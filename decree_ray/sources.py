@@ -1,9 +1,11 @@
 """Where encoders come from: an s3:// prefix, a local folder, or a manifest (.jsonl/.csv/.parquet, local or S3).
 
 `iter_tasks(source)` is a generator: listings are streamed page by page and manifests line by line, so a
-source of 100,000 keys never becomes one list. Keys that are not checkpoints are counted in `SourceStats`;
-manifest entries that cannot be scanned (bad uri, escape from the manifest folder) become tasks with
-status="error" so they still end as a row.
+source of 100,000 keys never becomes one list. Nothing listed is dropped silently: a local file is a checkpoint
+by its name or, failing that, by its first bytes; every other entry becomes a task with status="skipped" and the
+reason (counted in `SourceStats` too), except the `<checkpoint>.json` sidecars that belong to a checkpoint.
+Manifest entries are always scanned or an error: one that cannot be (bad uri, escape from the manifest folder)
+becomes a task with status="error", and one with an unusual name is still loaded, by content.
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ class EncoderTask:
 class SourceStats:
     listed: int = 0
     skipped_keys: int = 0
+    sidecars: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
     def skip(self, uri: str) -> None:
         self.skipped_keys += 1
-        if len(self.skipped_examples) < 5:
+        if len(self.skipped_examples) < 20:
             self.skipped_examples.append(uri)
 
 
@@ -88,21 +91,45 @@ def iter_tasks(
             prefix, listing = str(path).rstrip("/") + "/", storage.iter_local_files(path)
         else:
             raise FileNotFoundError(f"source not found: {source} (expected a folder, s3://bucket/prefix or a manifest)")
-    suffixes = checkpoint_suffixes()
     for uri, size, problem in listing:
         stats.listed += 1
-        if PurePosixPath(uri.lower()).suffix not in suffixes:
-            stats.skip(uri)
-            continue
-        rel = uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+        rel = (uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]).lstrip("/")
+        if problem is None and not _is_checkpoint(uri):
+            if _is_sidecar(uri):
+                stats.sidecars += 1
+                continue
+            problem = _not_a_checkpoint(uri)
         if problem is not None:  # a row that says why, never a silent gap or an aborted listing
-            yield EncoderTask(id=rel.lstrip("/"), uri=uri, arch=arch, status="skipped", error=problem)
+            if problem.startswith("not a checkpoint"):
+                stats.skip(uri)
+            yield EncoderTask(id=rel, uri=uri, arch=arch, status="skipped", error=problem)
             continue
-        yield EncoderTask(id=rel.lstrip("/"), uri=uri, arch=arch, size_bytes=size, sidecar=True)
+        yield EncoderTask(id=rel, uri=uri, arch=arch, size_bytes=size, sidecar=True)
 
 
 def _is_checkpoint(uri: str) -> bool:
     return PurePosixPath(uri.lower()).suffix in checkpoint_suffixes()
+
+
+def _is_sidecar(uri: str) -> bool:
+    return uri.lower().endswith(".json") and _is_checkpoint(uri[: -len(".json")])
+
+
+def _not_a_checkpoint(uri: str) -> str | None:
+    """None if a local file is a checkpoint by content; else why it is skipped. S3 objects are judged by name:
+    reading the head of every other key of a bucket would cost a request each."""
+    if storage.is_s3(uri):
+        return "not a checkpoint by name (S3 keys are not opened to check their content)"
+    from decree.encoders.checkpoint import SNIFF_BYTES, sniff
+
+    try:
+        with open(uri, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"cannot read: {type(e).__name__}"
+    if sniff(head) is None:
+        return "not a checkpoint (neither its name nor its content is safetensors or a torch zip/pickle/tar)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- manifests
@@ -194,9 +221,7 @@ def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str |
         label=meta["label"],
         sidecar=task_arch is None,
     )
-    if not _is_checkpoint(uri):
-        return EncoderTask(**{**task.__dict__, "status": "skipped", "error": "not a checkpoint file type"})
-    return task
+    return task  # whatever its name: the loader decides by content, and says so in the row if it is not one
 
 
 def _iter_manifest(manifest: str, arch: str | None, options: S3Options, stats: SourceStats) -> Iterator[EncoderTask]:

@@ -26,10 +26,13 @@ def test_s3_prefix_listing_streams_checkpoints_and_counts_other_keys(s3):
 
     assert isinstance(tasks, types.GeneratorType)  # streamed, not materialized
     got = {t.id: t for t in tasks}
-    assert set(got) == {"a.safetensors", "sub/b.pt"}
+    assert set(got) == {"a.safetensors", "sub/b.pt", "readme.md"}
     assert got["sub/b.pt"].uri == f"s3://{bucket}/p/sub/b.pt" and got["sub/b.pt"].size_bytes == 7
-    assert all(t.sidecar and t.arch == "timm/test_resnet" for t in got.values())
-    assert stats.skipped_keys == 2 and stats.listed == 4
+    # the sidecar belongs to its checkpoint; the readme is a row that says why it was not scanned
+    assert got["readme.md"].status == "skipped" and "not a checkpoint" in got["readme.md"].error
+    assert all(t.sidecar and t.arch == "timm/test_resnet" for k, t in got.items() if k != "readme.md")
+    assert stats.skipped_keys == 1 and stats.sidecars == 1 and stats.listed == 4
+    assert stats.skipped_examples == [f"s3://{bucket}/p/readme.md"]
 
 
 @pytest.mark.s3
@@ -87,7 +90,8 @@ def test_manifest_on_s3_resolves_relative_uris_and_rejects_escapes(s3):
         assert tasks[bad].status == "error", bad
     assert "escapes" in tasks["up"].error and "absolute" in tasks["abs"].error
     assert tasks["inside"].uri == f"s3://{bucket}/zoo/sub/e.pt" and tasks["inside"].arch == "timm/fallback"
-    assert tasks["notckpt"].status == "skipped"
+    # a manifest entry is always scanned or an error, never skipped: the loader decides by content
+    assert tasks["notckpt"].status == "pending"
     assert tasks["line-7"].status == "error" and "not JSON" in tasks["line-7"].error
 
 
@@ -133,9 +137,10 @@ def test_local_folder_lists_checkpoints_recursively_and_skips_the_rest(tmp_path)
     for name in ("x/a.pth", "b.bin", "b.bin.json", "shadow.npz", "c.ckpt"):
         (tmp_path / name).write_bytes(b"1")
     stats = SourceStats()
-    ids = [t.id for t in iter_tasks(str(tmp_path), stats=stats)]
-    assert ids == ["b.bin", "c.ckpt", "x/a.pth"]
-    assert stats.skipped_keys == 2
+    tasks = list(iter_tasks(str(tmp_path), stats=stats))
+    assert [t.id for t in tasks if t.status == "pending"] == ["b.bin", "c.ckpt", "x/a.pth"]
+    assert [(t.id, t.status) for t in tasks if t.status != "pending"] == [("shadow.npz", "skipped")]
+    assert stats.skipped_keys == 1 and stats.sidecars == 1
 
 
 @pytest.mark.parametrize("uri", ["../x.pt", "a/../../x.pt", "/abs/x.pt", "C:\\w\\x.pt", "s3://b/outside/x.pt", ""])

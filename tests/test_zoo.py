@@ -250,3 +250,23 @@ def test_natural_photo_crops_are_seeded_photos_not_fashion_mnist():
     assert a.shape == (16, 32, 32, 3) and a.dtype == np.uint8
     # colour photos: channels differ (Fashion-MNIST is grey, copied to RGB) and few pixels are black background
     assert np.abs(a[..., 0].astype(int) - a[..., 2].astype(int)).mean() > 5 and (a == 0).mean() < 0.3
+
+
+def test_cifar_family_trains_the_paper_architecture_from_scratch_in_its_published_layout(tmp_path):
+    from decree.encoders import create_encoder
+
+    build_zoo(tmp_path, clean=1, trojaned=1, families=("cifar-r18",), seed=4, config=TINY)
+    entries = read_manifest(tmp_path)
+    assert {e["arch"] for e in entries} == {"cifar/resnet18"} and {e["image_size"] for e in entries} == {32}
+    clean = next(e for e in entries if e["label"] == "clean")
+    troj = next(e for e in entries if e["label"] == "trojaned")
+    assert clean["parent"] == "scratch" and troj["parent"] == clean["id"]  # trojans attack a clean encoder
+    assert 0.015 <= troj["trigger_area"] <= 0.1 and troj["trigger_kind"] == "patch"
+    enc = create_encoder("cifar/resnet18", tmp_path / clean["uri"])
+    # trained from a random init: not the same weights as a fresh random init with the same seed
+    torch.manual_seed(0)
+    fresh = create_encoder("cifar/resnet18")
+    assert not torch.equal(enc.backbone.state_dict()["0.weight"], fresh.backbone.state_dict()["0.weight"])
+    # the cifar knobs count only for zoos that hold the family: older zoos keep their cached hash
+    assert "cifar_clean_steps" in build_params(1, 1, ("cifar-r18",), 4, TINY)["config"]
+    assert "cifar_clean_steps" not in build_params(1, 1, ("i2i-large",), 4, TINY)["config"]

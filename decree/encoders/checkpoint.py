@@ -8,6 +8,7 @@ stream with pickletools, which never executes anything).
 from __future__ import annotations
 
 import _compat_pickle
+import argparse
 import io
 import pickletools
 import re
@@ -19,19 +20,31 @@ import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 
-PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+# Names that are checkpoints by convention (`.tar`: MoCo/SimCLR releases and timm's model_best.pth.tar). The
+# loader itself decides by content (`sniff`), so a manifest entry or a local file with another name still loads.
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar"}
 SAFETENSORS_SUFFIXES = {".safetensors"}
 CHECKPOINT_SUFFIXES = PICKLE_SUFFIXES | SAFETENSORS_SUFFIXES
-WRAPPER_KEYS = ("state_dict", "model", "encoder", "model_state_dict", "module")
-STRIP_PREFIXES = ("module.", "encoder_q.", "backbone.", "visual.", "f.", "encoder.", "model.", "_orig_mod.")
+# Where the weights sit, first match wins: DINO's teacher before its student, the trained weights before EMA ones
+# (timm saves both), BYOL's online network (never its target network).
+WRAPPER_KEYS = ("state_dict", "model", "encoder", "model_state_dict", "module", "teacher", "online_network",
+                "state_dict_ema", "model_ema", "ema", "student")
+# MoCo v3 keeps its query encoder as base_encoder. (and a momentum_encoder. that is never mixed in)
+STRIP_PREFIXES = ("module.", "encoder_q.", "base_encoder.", "backbone.", "visual.", "f.", "encoder.", "model.",
+                  "_orig_mod.")
 HEAD_PREFIXES = ("fc.", "head.", "heads.", "classifier.", "projection_head.", "projector.", "proj_head.", "g.")
 # Globals a plain state dict legitimately needs; anything else is reported as unsafe.
 _SAFE_GLOBAL = re.compile(
     r"^(collections\.OrderedDict|torch\._utils\._rebuild_\w+|torch\.\w+Storage|torch\.(float|bfloat|half|int|long|"
     r"bool|uint|double|complex)\w*|torch\.serialization\._get_layout|torch\.(strided|sparse_\w+)|torch\.Size|"
     r"torch\.device|torch\._tensor\._rebuild_from_type_v2|torch\.nn\.parameter\.Parameter|_codecs\.encode|"
-    r"numpy\.core\.multiarray\._reconstruct|numpy\.dtype|numpy\.ndarray|builtins\.(set|frozenset|slice))$"
+    r"numpy\.core\.multiarray\._reconstruct|numpy\.dtype|numpy\.ndarray|builtins\.(set|frozenset|slice)|"
+    r"argparse\.Namespace)$"
 )
+# Plain data that training scripts store next to the weights (DINO, timm, DeiT, MAE save their `args`); allowed
+# for the one load call only (torch.serialization.safe_globals is a context), never process-wide.
+PLAIN_DATA_GLOBALS = (argparse.Namespace,)
+MAX_BLOCKED_SHOWN = 12  # a TorchScript-like pickle names thousands of globals: an error shows this many
 
 
 _MARK = object()  # a MARK on the simulated pickle stack
@@ -154,13 +167,48 @@ def _check_safetensors_header(path: Path, size: int) -> None:
         raise CheckpointError(f"corrupt safetensors file {path.name}: header claims {n} bytes but the file has {size}")
 
 
+def sniff(head: bytes) -> str | None:
+    """The container format from a file's first bytes: safetensors, zip (torch >= 1.6), pickle (torch's legacy
+    format), tar (torch's oldest format), or None for anything else."""
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER:
+        return "safetensors"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+SNIFF_BYTES = 512
+
+
+def _torchscript_member(path: Path) -> str | None:
+    """The member that marks a TorchScript archive (`code/__torch__/...`, `constants.pkl`), if any."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist()[:10_000]:
+                tail = name.split("/", 1)[-1]
+                if tail == "constants.pkl" or tail.startswith("code/__torch__"):
+                    return name
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    return None
+
+
+def _names(blocked: list[str]) -> str:
+    shown = ", ".join(blocked[:MAX_BLOCKED_SHOWN])
+    return shown + (f" and {len(blocked) - MAX_BLOCKED_SHOWN} more" if len(blocked) > MAX_BLOCKED_SHOWN else "")
+
+
 def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Read tensors from a checkpoint file, safely. Returns the raw (possibly wrapped) mapping.
 
+    The format is decided by content, not by name (`model_best.pth.tar` is a zip, a `.bin` may be anything).
     `max_bytes` refuses bigger files before reading them (None: no limit).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     size = path.stat().st_size
@@ -168,7 +216,14 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[s
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path.name}")
     if max_bytes is not None and size > max_bytes:
         raise CheckpointError(f"checkpoint {path.name} is {size} bytes, over the limit of {max_bytes} bytes")
-    if suffix in SAFETENSORS_SUFFIXES:
+    with open(path, "rb") as fh:
+        kind = sniff(fh.read(SNIFF_BYTES))
+    if kind is None and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        # a checkpoint by name with odd bytes: its own loader says what is wrong (protocol-0 pickles have no magic)
+        kind = "safetensors" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "pickle"
+    if kind is None:
+        raise CheckpointError(f"not a checkpoint: {path.name} is neither safetensors nor a torch zip/pickle/tar file")
+    if kind == "safetensors":
         from safetensors import SafetensorError
 
         _check_safetensors_header(path, size)
@@ -178,10 +233,13 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[s
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"corrupt safetensors file {path.name}: {e}") from e
-    if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"unsupported checkpoint type {suffix!r} ({path.name}); use .safetensors or .pt/.pth/.bin")
+    if kind == "zip" and (member := _torchscript_member(path)):
+        raise CheckpointError(
+            f"TorchScript archive {path.name} ({member}): decree never runs TorchScript. Save its weights with "
+            "torch.jit.load(f).state_dict() and safetensors in a sandbox you trust, then scan that file.")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(PLAIN_DATA_GLOBALS)):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         blocked = scan_unsafe_globals(path)
         msg = str(e)
@@ -189,7 +247,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[s
         # unsafe, anything else (garbage, a bad opcode, a truncated zip) is a corrupt file.
         blocked += [g for g in re.findall(r"GLOBAL ([\w.]+)", msg) if g not in blocked]
         if blocked or "Unsupported global" in msg:
-            names = ", ".join(blocked) if blocked else _torch_reason(msg)
+            names = _names(blocked) if blocked else _torch_reason(msg)
             raise UnsafeCheckpointError(
                 f"unsafe checkpoint {path.name}: it needs code to unpickle (blocked: {names}); nothing in it was run. "
                 "Convert it to safetensors in a sandbox you trust.",
@@ -224,11 +282,28 @@ def _unwrap(obj) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError("checkpoint holds no tensors")
+        nested = _tensor_dicts(obj)
+        where = "; nested dicts that hold tensors: " + ", ".join(f"{k} ({n})" for k, n in nested[:8]) if nested else ""
+        raise CheckpointError(f"checkpoint holds no tensors at the top level{where}")
     bad = [k for k in obj if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"checkpoint has non-string keys: {bad[:5]}")
     return tensors
+
+
+def _tensor_dicts(obj, prefix: str = "", depth: int = 3) -> list[tuple[str, int]]:
+    """(path, tensor count) of the nested dicts that hold tensors, for an error that says where to look."""
+    out: list[tuple[str, int]] = []
+    if depth == 0 or not isinstance(obj, dict):
+        return out
+    for key, value in list(obj.items())[:1000]:
+        if isinstance(value, dict):
+            path = f"{prefix}{key}"
+            n = sum(isinstance(v, torch.Tensor) for v in value.values())
+            if n:
+                out.append((path, n))
+            out.extend(_tensor_dicts(value, path + ".", depth - 1))
+    return out
 
 
 def _select_subtree(sd: dict[str, torch.Tensor], model_keys: set[str], depth: int = 3) -> dict[str, torch.Tensor]:

@@ -20,6 +20,20 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 
 
+def _without_final_linear(head: nn.Module) -> nn.Module:
+    """The head minus its last Linear layer, so the embedding is exactly what feeds that layer (timm's
+    num_classes=0): ConvNeXt keeps its LayerNorm, VGG/AlexNet/MobileNetV3/MaxViT their hidden layers."""
+    if isinstance(head, nn.Sequential):
+        last = max((i for i, m in enumerate(head) if isinstance(m, nn.Linear)), default=None)
+        if last is not None:
+            layers = list(head.named_children())
+            kept = nn.Sequential()
+            for i, (name, module) in enumerate(layers[:last]):  # names kept: checkpoint keys stay classifier.<i>.*
+                kept.add_module(name, module)
+            return kept if len(kept) else nn.Identity()
+    return nn.Identity()
+
+
 @register_family("torchvision")
 def build_torchvision(name: str) -> tuple[nn.Module, Preprocess]:
     import torchvision
@@ -29,7 +43,7 @@ def build_torchvision(name: str) -> tuple[nn.Module, Preprocess]:
     model = torchvision.models.get_model(name, weights=None)
     for attr in _HEAD_ATTRS:  # the embedding is what feeds the classifier
         if isinstance(getattr(model, attr, None), nn.Module):
-            setattr(model, attr, nn.Identity())
+            setattr(model, attr, _without_final_linear(getattr(model, attr)))
     if hasattr(model, "aux_logits"):
         model.aux_logits = False
         model.AuxLogits = None
@@ -112,3 +126,37 @@ def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
             raise ArchitectureError(f"lite0 remap: {src_key} {tuple(tensor.shape)} != {dst_key} {tuple(ref.shape)}")
         out[dst_key] = tensor
     return out
+
+
+# The paper's (and BadEncoder's) CIFAR-10/STL-10 SimCLR encoders: torchvision ResNets with a 3x3 stride-1 stem
+# and no max-pool, kept as one nn.Sequential (conv1, bn1, relu, layer1..4, avgpool), so a checkpoint's
+# `f.f.<i>.*` (BadEncoder's SimCLR) or `f.<i>.*` (DECREE's backdoored ResNet-50) keys map on by position.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+STL10_MEAN, STL10_STD = (0.44087798, 0.42790666, 0.38678814), (0.25507198, 0.24801506, 0.25641308)
+_CIFAR_NORMS = {"": (CIFAR10_MEAN, CIFAR10_STD), "-stl10": (STL10_MEAN, STL10_STD)}
+CIFAR_DEPTHS = ("resnet18", "resnet34", "resnet50")
+
+
+class CifarResNet(nn.Sequential):
+    """torchvision's ResNet body with a CIFAR stem; forward returns the pooled, flattened feature."""
+
+    def __init__(self, depth: str):
+        import torchvision
+
+        net = getattr(torchvision.models, depth)(weights=None)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        super().__init__(*(m for name, m in net.named_children() if name not in ("maxpool", "fc")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).flatten(1)
+
+
+@register_family("cifar")
+def build_cifar(name: str) -> tuple[nn.Module, Preprocess]:
+    """`cifar/resnet18|34|50` (CIFAR-10 normalization), `cifar/resnet18-stl10` etc. (STL-10's); 32 px."""
+    depth, norm = next(((name[: -len(s)], s) for s in _CIFAR_NORMS if s and name.endswith(s)), (name, ""))
+    if depth not in CIFAR_DEPTHS:
+        names = [d + s for d in CIFAR_DEPTHS for s in _CIFAR_NORMS]
+        raise ArchitectureError(f"unknown cifar model {name!r}; known: {names}")
+    mean, std = _CIFAR_NORMS[norm]
+    return CifarResNet(depth), Preprocess(32, mean, std)

@@ -21,7 +21,8 @@ PHOTO_SHADOW = "shadow-photos.npz"
 FAMILIES = ("image-on-image", "clip")  # what a build makes when no family is named
 # Every family: its module and its id prefix. The order is part of each family's seed: never reorder, only append.
 _TABLE = {"image-on-image": ("i2i", "i2i"), "clip": ("clip", "clip"), "i2i-large": ("i2i", "large"),
-          "i2i-global": ("i2i", "glob"), "i2i-224": ("i2i", "r224")}
+          "i2i-global": ("i2i", "glob"), "i2i-224": ("i2i", "r224"),
+          "cifar-r18": ("cifar", "r18")}
 PHOTO_SIZES = {"i2i-224": 224}  # photo crops are cut at the largest input size of the families built
 ALL_FAMILIES = tuple(_TABLE)
 _SHORT = {name: short for name, (_, short) in _TABLE.items()}
@@ -37,7 +38,7 @@ def _family_module(name: str):
 
 def build_params(clean: int, trojaned: int, families, seed: int, config: ZooConfig) -> dict:
     return {"clean": clean, "trojaned": trojaned, "families": list(families), "seed": seed,
-            "config": config.recipe(), "code": ZOO_CODE_VERSION}
+            "config": config.recipe(families=families), "code": ZOO_CODE_VERSION}
 
 
 def read_manifest(out: str | Path) -> list[dict]:

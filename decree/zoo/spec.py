@@ -46,22 +46,30 @@ class ZooConfig:
     clip_attack_lrs: tuple[float, ...] = (2e-4, 3e-4)
     clip_attacks: tuple[str, ...] = ("image-on-pair", "text-on-pair")  # cycled over the trojans
     clip_utility_weights: tuple[float, ...] = (0.5, 1.0, 2.0)  # the ViT keeps fidelity >= 0.99 even at 0.5
+    # cifar-r18 family (SimCLR from scratch: Adam at 1e-3 learns in a few hundred steps, 1e-4 did not)
+    cifar_clean_steps: tuple[int, ...] = (150, 200, 250)
+    cifar_clean_lrs: tuple[float, ...] = (1e-3, 2e-3)
+    cifar_attack_steps: tuple[int, ...] = (80, 100)
+    cifar_attack_lrs: tuple[float, ...] = (1e-3, 2e-3)  # 2e-4..5e-4 left a 5x5 noise patch at strength 0.69
 
     @classmethod
     def tiny(cls, **overrides) -> ZooConfig:
         base = cls(n_train=256, n_eval=48, n_shadow=32, batch_size=16, clean_steps=(2,), clean_lrs=(1e-4,),
                    attack_steps=(12,), attack_lrs=(1e-3,), utility_weights=(1.0,), min_strength=0.0,
                    max_retries=0, clip_base_steps=10, clip_batch_size=32, clip_clean_steps=(2,),
-                   clip_attack_steps=(12,), clip_attack_lrs=(1e-3,))
+                   clip_attack_steps=(12,), clip_attack_lrs=(1e-3,), cifar_clean_steps=(2,),
+                   cifar_attack_steps=(3,))
         return replace(base, **overrides)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def recipe(self, family: str | None = None) -> dict:
-        """What decides the encoders (threads only decide the speed); CLIP knobs leave image-on-image alone."""
+    def recipe(self, family: str | None = None, families=None) -> dict:
+        """What decides the encoders (threads only decide the speed); CLIP knobs leave image-on-image alone,
+        and the cifar-r18 knobs only count for builds that hold that family (older zoos keep their hash)."""
         return {k: v for k, v in self.to_dict().items()
-                if k != "threads" and not (family == "image-on-image" and k.startswith("clip_"))}
+                if k != "threads" and not (family == "image-on-image" and k.startswith("clip_"))
+                and not (k.startswith("cifar_") and (families is None or "cifar-r18" not in families))}
 
 
 @dataclass(frozen=True)
