@@ -36,6 +36,11 @@ Arch = Annotated[
 ]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's max_steps (quick runs).")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per encoder before it is recorded as an error.")]
+StartupTimeout = Annotated[
+    float,
+    typer.Option("--startup-timeout",
+                 help="Seconds to wait with no worker ready (an autoscaler adding GPU nodes) before giving up."),
+]
 Retries = Annotated[int, typer.Option("--max-retries", help="Retries of an encoder whose worker died.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Number of actors (default: fill the cluster).")]
 LocalCpus = Annotated[int, typer.Option("--local-cpus", help="CPUs of the embedded Ray (no --address).")]

@@ -33,6 +33,8 @@ class JobConfig:
     arch: str | None = None
     steps: int | None = None
     timeout: float = 1800.0
+    # how long the scan waits with no actor ready (an autoscaler booting GPU nodes) before it gives up
+    startup_timeout: float = 1200.0
     max_retries: int = 2
     prefetch: int = 1  # encoders queued on an actor behind the one it runs (hides the driver round trip)
     num_workers: int | None = None  # None: as many as the cluster's resources allow
@@ -49,8 +51,8 @@ class JobConfig:
     fleet_cutoff: float = DEFAULT_CUTOFF  # anomaly index above which an encoder is an outlier among its peers
 
     def __post_init__(self):
-        if self.timeout <= 0:
-            raise ValueError("timeout must be > 0 seconds")
+        if self.timeout <= 0 or self.startup_timeout <= 0:
+            raise ValueError("timeout and startup_timeout must be > 0 seconds")
         if self.prefetch < 0:
             raise ValueError("prefetch must be >= 0")
         if self.max_retries < 0:

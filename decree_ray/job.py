@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from .config import JobConfig, JobError, JobSummary, precheck
 from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
 from .sources import EncoderTask, SourceStats, iter_tasks
+from .pool import ActorShape, autoscaler_can_grow, offer, plan_actors
 from .worker import ScanSettings, ScanWorker, error_row
 
 
@@ -40,7 +40,7 @@ def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
     # Workers may run in another directory (runtime_env working_dir): hand them absolute local paths.
     paths = {k: getattr(config, k) for k in ("source", "shadow", "out")}
     config = dataclasses.replace(config, **{k: os.path.abspath(v) for k, v in paths.items() if not storage.is_s3(v)})
-    started = False
+    started = embedded = False
     if not ray.is_initialized():
         if config.address:
             ray.init(address=config.address, log_to_driver=False)
@@ -48,9 +48,10 @@ def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
             ray.init(log_to_driver=False)
         else:
             ray.init(num_cpus=config.local_cpus, include_dashboard=False, log_to_driver=False)
+            embedded = True
         started = True
     try:
-        return _Job(config, reporter or NullReporter()).run()
+        return _Job(config, reporter or NullReporter(), embedded=embedded).run()
     finally:
         if started:
             ray.shutdown()
@@ -90,8 +91,9 @@ class _State:
 
 
 class _Job:
-    def __init__(self, config: JobConfig, reporter: Reporter):
+    def __init__(self, config: JobConfig, reporter: Reporter, embedded: bool = False):
         self.cfg = config
+        self.embedded = embedded
         self.reporter = reporter
         self.summary = JobSummary(results=results_mod.results_path(config.out))
         self.counts = Counts()
@@ -120,28 +122,22 @@ class _Job:
                                         shadow_sha256=shadow)
 
     # -- actors -------------------------------------------------------------------------------------
-    def _actor_options(self) -> tuple[float, float, int]:
+    def _actor_options(self) -> ActorShape:
         import ray
 
         res = ray.cluster_resources()
-        gpus = self.cfg.gpus_per_encoder
-        if gpus is None:
-            gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
-        cpus = self.cfg.cpus_per_encoder
-        n = math.floor(res.get("CPU", 1) / cpus)
-        if gpus > 0:
-            if res.get("GPU", 0) < gpus:
-                raise JobError(f"--gpus-per-encoder {gpus:g} but the cluster has {res.get('GPU', 0):g} GPUs")
-            n = min(n, math.floor(res.get("GPU", 0) / gpus))
-        n = self.cfg.num_workers or max(1, n)
-        if self.cfg.max_encoders:
-            n = min(n, self.cfg.max_encoders)
-        return cpus, gpus, n
+        ask = dict(cpus=self.cfg.cpus_per_encoder, gpus=self.cfg.gpus_per_encoder, workers=self.cfg.num_workers,
+                   max_encoders=self.cfg.max_encoders)
+        shape = plan_actors(res, **ask, can_grow=True)
+        # an embedded Ray (started here) never grows; a cluster's autoscaler adds nodes for pending actors
+        if shape.fits_now < 1 and (self.embedded or not autoscaler_can_grow()):
+            plan_actors(res, **ask, can_grow=False)  # raises, naming what was asked and what is there
+        return shape
 
     def _new_slot(self) -> _Slot:
         import ray
 
-        cpus, gpus, _ = self._options
+        cpus, gpus = self._options.cpus, self._options.gpus
         settings = ScanSettings(
             shadow=self.cfg.shadow,
             out=self.cfg.out,
@@ -253,7 +249,7 @@ class _Job:
         t0 = time.monotonic()
         self._options = self._actor_options()
         self._tasks = self._source()
-        self.slots = [self._new_slot() for _ in range(self._options[2])]
+        self.slots = [self._new_slot() for _ in range(self._options.count)]
         self.summary.workers = len(self.slots)
         self.reporter.start()
         flushed = False
@@ -301,6 +297,8 @@ class _Job:
                     self._submit(slot, work, "fetch", slot.actor.fetch.remote(work.task))
             busy = [s for s in self.slots if s.calls]
             self.counts.running = len(busy)  # actors at work (each may hold a prefetched encoder too)
+            self.counts.workers_ready = sum(s.ready for s in self.slots)
+            self.counts.workers = len(self.slots)
             self.reporter.update(self.counts)
             if not busy and not self.state.pending and self.counts.listing_done:
                 if not self.state.waiting:
@@ -311,8 +309,12 @@ class _Job:
                 continue
             if busy or any(s.ready for s in self.slots):
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > max(self.cfg.timeout, 60.0):
-                raise JobError("no scan worker could start (not enough resources left in the cluster?)")
+            elif time.monotonic() - idle_since > self.cfg.startup_timeout:
+                import ray as _ray
+
+                raise JobError(
+                    f"no scan worker could start within {self.cfg.startup_timeout:g}s (--startup-timeout): asked for "
+                    f"{self._options.asked}, the cluster offers {offer(_ray.cluster_resources())}")
             by_ref = {c.ref: (s, c) for s in busy for c in s.calls}
             by_ref.update({s.ready_ref: (s, None) for s in self.slots if not s.ready})
             done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)

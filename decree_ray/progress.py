@@ -15,6 +15,8 @@ class Counts:
     done: int = 0  # rows written (ok + error + skipped)
     failed: int = 0  # error rows
     running: int = 0
+    workers: int = 0  # actors asked for
+    workers_ready: int = 0  # of those, started (the rest wait for the cluster, e.g. an autoscaler adding nodes)
 
 
 class Reporter:
@@ -46,6 +48,7 @@ class RichReporter(Reporter):
             TimeRemainingColumn(),
             transient=False,
         )
+        self._description = description
         self._task = self._progress.add_task(
             description, total=None, ok=0, failed=0, remaining="?", running=0, total_text="?"
         )
@@ -54,10 +57,17 @@ class RichReporter(Reporter):
         self._progress.start()
 
     def update(self, counts: Counts) -> None:
+        if counts.workers and counts.workers_ready < counts.workers:
+            # before the first actor starts this is all there is to see; later, the pool is still growing
+            waiting = "autoscaler adding nodes" if counts.workers_ready == 0 else "more joining"
+            description = f"waiting for workers: {counts.workers_ready}/{counts.workers} ready, {waiting}"
+        else:
+            description = self._description
         total = counts.discovered if counts.listing_done else None
         remaining = counts.discovered - counts.done
         self._progress.update(
             self._task,
+            description=description,
             completed=counts.done,
             total=total,
             ok=counts.done - counts.failed,

@@ -11,21 +11,21 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import typer.main
 import yaml
 from typer.testing import CliRunner
+from raycluster import Head
+from raycluster import free_ports as _free_ports
+from raycluster import kill_session as _kill_session
 
 try:
     import tomllib
@@ -247,41 +247,6 @@ def test_docker_cmd_is_a_working_decree_invocation():
 
 
 # ------------------------------------------------------------------------- decree submit on a real Ray head
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _kill_session(sid: int) -> None:
-    # Only processes of the session the fixture created (ray start --block and its children):
-    # never `ray stop`, which would stop every Ray on the machine, other users' included.
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if os.getsid(int(proc.name)) == sid:
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-@dataclass
-class Head:
-    url: str
-    env: dict[str, str]  # what a client on this machine needs: PATH to `decree`, the auth token
-    token: str
-
-    def get(self, path: str, *, auth: bool = True) -> dict:
-        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
-        with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as r:
-            return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
