@@ -339,12 +339,14 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
                   paper_max_steps: int | None = DEFAULT_PAPER_MAX_STEPS, limit: int | None = None,
                   families: Iterable[str] | None = None, threshold: float | None = None, resume: bool = True,
                   profile_steps: int = 5, shadows: Iterable[str] = DEFAULT_SHADOWS,
-                  paper_max_size: int | None = None, log: Log = _print) -> dict:
+                  paper_max_size: int | None = None, paper_skip_archs: Iterable[str] = (), log: Log = _print) -> dict:
     """Scan every encoder of the zoo(s) with every profile on every shadow set its zoo has (`shadows`: file names
     in the zoo folder; the first is the condition RESULTS.md summarizes); write OUT/{results.json, encoders.csv,
     RESULTS.md, GENERALIZATION.md (with more than one condition or a tune/report split), roc.png, profile.txt};
     return the results dict. `zoo_dir`: a zoo folder or a list of them (ids must be distinct). `paper_max_size`:
-    the paper profiles skip encoders with a larger input (a 224-px paper inversion is ~20 CPU-minutes)."""
+    the paper profiles skip encoders with a larger input (a 224-px paper inversion is ~20 CPU-minutes);
+    `paper_skip_archs`: ... and encoders whose arch starts with one of these (a CIFAR ResNet-18 paper run is
+    ~4 CPU-minutes at the step cap)."""
     from . import generalization
     from .benchmark_report import profile_inversion, write_report
 
@@ -371,8 +373,13 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
         f"zoo {', '.join(f'{z} ({h})' for z, h in zhashes.items())}, {len(rows_log.done)} rows already done")
     rows: list[dict] = []
     t_start = time.perf_counter()
+    skip_archs = tuple(paper_skip_archs)
+
     def wanted(entry, p):
-        return not (p.startswith("paper") and paper_max_size and int(entry.get("image_size") or 0) > paper_max_size)
+        if not p.startswith("paper"):
+            return True
+        too_big = paper_max_size and int(entry.get("image_size") or 0) > paper_max_size
+        return not (too_big or (skip_archs and str(entry.get("arch") or "").startswith(skip_archs)))
 
     jobs = [(e, s, p) for e in entries for s in shadows if (e["_zoo"], s) in sets for p in profiles if wanted(e, p)]
     total = len(jobs)
@@ -409,7 +416,7 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
         **env, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, **summary,
         "errors": [{"id": r["id"], "profile": r["profile"], "error": r.get("error")} for r in rows
                    if r.get("status") != "ok"],
-        "shadows": shadows, "paper_max_size": paper_max_size, "splits": {str(z): generalization.zoo_split(z) for z in zoos},
+        "shadows": shadows, "paper_max_size": paper_max_size, "paper_skip_archs": list(skip_archs), "splits": {str(z): generalization.zoo_split(z) for z in zoos},
         "generalization": general,
     }
     if profile_steps and "fast" in configs:

@@ -137,6 +137,7 @@ def scan(
         "fleet_outliers",
         "scanned",
         "reused",
+        "reused_unchanged",
         "other_settings",
         "retried",
         "skipped_keys",

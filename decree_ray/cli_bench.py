@@ -50,6 +50,10 @@ PaperSizeOpt = Annotated[
     int, typer.Option("--paper-max-size", min=0,
                       help="The paper profile skips encoders with a larger input size (0: none skipped).")
 ]
+PaperSkipOpt = Annotated[
+    str | None, typer.Option("--paper-skip-arch",
+                             help="Comma-separated arch prefixes the paper profile skips (cost), e.g. cifar/.")
+]
 ProfileStepsOpt = Annotated[int, typer.Option("--profile-steps", min=0, help="Steps of the CPU profile (0: none).")]
 # Only for the default zoo (no --zoo, no DECREE_BENCH_ZOO), built into the cache folder.
 ZooCleanOpt = Annotated[int, typer.Option("--zoo-clean", min=0, help="When building: clean encoders per family.")]
@@ -122,6 +126,7 @@ def bench_command(
     profile_steps: ProfileStepsOpt = 5,
     shadows: ShadowsOpt = "shadow.npz",
     paper_max_size: PaperSizeOpt = 0,
+    paper_skip_arch: PaperSkipOpt = None,
     zoo_clean: ZooCleanOpt = 8,
     zoo_trojaned: ZooTrojOpt = 8,
     zoo_seed: ZooSeedOpt = 0,
@@ -152,7 +157,7 @@ def bench_command(
             fast_overrides={"max_steps": fast_max_steps} if fast_max_steps else None, limit=limit,
             families=family_list, threshold=threshold, resume=not fresh, profile_steps=profile_steps,
             shadows=("shadow.npz", "shadow-photos.npz") if shadows == "all" else tuple(_split(shadows)),
-            paper_max_size=paper_max_size or None,
+            paper_max_size=paper_max_size or None, paper_skip_archs=tuple(_split(paper_skip_arch)),
             log=lambda m: console.print(m, markup=False, highlight=False))
     except (OSError, ValueError, RuntimeError) as e:
         err_console.print(f"[red]benchmark failed:[/] {e}")

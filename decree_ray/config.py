@@ -82,7 +82,8 @@ class JobSummary:
     flagged: int = 0  # rows of the final table whose verdict is trojaned (thresholds or fleet outliers)
     fleet_outliers: int = 0  # of those, flagged only as outliers among their peers
     scanned: int = 0  # scan calls actually made
-    reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one)
+    reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one), after its download
+    reused_unchanged: int = 0  # rows of an earlier run kept for entries the listing says are unchanged: no download
     other_settings: int = 0  # ok rows of earlier runs made with other settings: not reused, scanned again
     retried: int = 0  # encoders re-dispatched after their actor died
     skipped_keys: int = 0  # listed objects that are not checkpoints (each is also a `skipped` row)

@@ -27,7 +27,7 @@ from . import storage
 from .config import JobConfig, JobError, JobSummary, precheck
 from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
-from .sources import EncoderTask, SourceStats, iter_tasks
+from .sources import EncoderTask, SourceStats, apply_sidecar, is_manifest, iter_tasks
 from .pool import ActorShape, autoscaler_can_grow, offer, plan_actors
 from .worker import ScanSettings, ScanWorker, error_row
 
@@ -110,6 +110,8 @@ class _Job:
             1 for r in finished if r["status"] == "ok"
             and results_mod.key_settings(r.get("content_key")) not in (None, self.settings_key))
         self.legacy = results_mod.legacy_ok_rows(finished)  # tables from before the content_key column
+        # ok rows of this run's settings by uri, for entries the listing says are unchanged (no download)
+        self.unchanged = results_mod.ok_rows_by_uri(finished, self.settings_key)
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
@@ -186,10 +188,12 @@ class _Job:
         tasks = iter_tasks(self.cfg.source, arch=self.cfg.arch, options=self.cfg.s3, stats=self.stats)
         if self.cfg.max_encoders:
             tasks = itertools.islice(tasks, self.cfg.max_encoders)
+        dedupe = is_manifest(self.cfg.source)  # a listing names each uri once: no set of every uri to keep
         for task in tasks:
-            if task.uri in self.state.seen:  # the same uri twice in a manifest is one encoder
-                continue
-            self.state.seen.add(task.uri)
+            if dedupe:
+                if task.uri in self.state.seen:  # the same uri twice in a manifest is one encoder
+                    continue
+                self.state.seen.add(task.uri)
             self.counts.discovered += 1
             yield task
         self.counts.listing_done = True
@@ -208,7 +212,31 @@ class _Job:
                     )
                 )
                 continue
+            if task.identity is None:  # a manifest entry: its identity costs a stat or a HEAD, not a download
+                try:
+                    task = dataclasses.replace(task, identity=storage.identity_of(task.uri, self.cfg.s3))
+                except Exception:  # noqa: BLE001 - gone or unreadable: the fetch says why, in the row
+                    pass
+            if (row := self._unchanged_row(task)) is not None:
+                self.summary.reused_unchanged += 1
+                self._emit(row)
+                continue
             return _Work(task)
+
+    def _unchanged_row(self, task: EncoderTask) -> dict[str, Any] | None:
+        """The finished row of an entry whose listing identity is unchanged, if its key still matches: the
+        sidecar (a few hundred bytes) is read again, the checkpoint is not downloaded."""
+        prev = self.unchanged.get(task.uri)
+        if prev is None or not task.identity or prev.get("source_identity") != task.identity:
+            return None
+        try:
+            current = apply_sidecar(task, self.cfg.s3) if task.sidecar else task
+        except Exception:  # noqa: BLE001 - a sidecar that no longer parses: fetch and let the worker say why
+            return None
+        key = results_mod.task_content_key(prev["sha256"], current, self.cfg.profile, self.settings_key)
+        if key != prev.get("content_key"):
+            return None
+        return {**prev, "id": current.id, "label": current.label or prev.get("label")}
 
     # -- rows ---------------------------------------------------------------------------------------
     def _emit(self, row: dict[str, Any]) -> None:
@@ -240,7 +268,9 @@ class _Job:
 
     def _release(self, key: str, row: dict[str, Any]) -> None:
         for task, size in self.state.waiting.pop(key, []):
-            self._emit(self._copy(row, task, size, None))  # same key: same sha256 as `row`
+            copy = self._copy(row, task, size, None)  # same key: same sha256 as `row`
+            ok = copy["status"] == "ok" and task.identity
+            self._emit({**copy, "source_identity": task.identity} if ok else copy)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> JobSummary:
@@ -383,7 +413,8 @@ class _Job:
         done = self.known.get(key) or self.legacy.get((task.uri, work.sha, task.arch, self.cfg.profile))
         if done is not None:
             slot.actor.drop.remote(task.uri)
-            self._emit({**self._copy(done, task, work.size, work.sha), "content_key": key})
+            self._emit({**self._copy(done, task, work.size, work.sha), "content_key": key,
+                        "source_identity": task.identity if done["status"] == "ok" else None})
         elif key in self.state.in_flight:
             slot.actor.drop.remote(task.uri)
             self.state.waiting[key].append((task, work.size))
@@ -395,6 +426,8 @@ class _Job:
     def _finish(self, work: _Work, row: dict[str, Any]) -> None:
         if work.key is not None:
             row = {**row, "content_key": work.key}  # what a later run matches to resume
+        if work.task.identity and row.get("status") == "ok":
+            row = {**row, "source_identity": work.task.identity}  # what a later run matches without downloading
         self._emit(row)
         if work.key is not None:
             self.state.in_flight.discard(work.key)

@@ -198,6 +198,12 @@ def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["content_key"]: r for r in rows if r["status"] == "ok" and r.get("content_key")}
 
 
+def ok_rows_by_uri(rows: list[dict[str, Any]], settings: str) -> dict[str, dict[str, Any]]:
+    """Ok rows made with `settings` that carry a listing identity, by uri (resume without a download)."""
+    return {r["uri"]: r for r in rows if r["status"] == "ok" and r.get("source_identity") and r.get("sha256")
+            and key_settings(r.get("content_key")) == settings}
+
+
 def legacy_ok_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """Ok rows written before the `content_key` column, by (uri, sha256, arch, profile): reused only for the
     same uri (a plain resume), never for other uris whose preprocessing may differ."""

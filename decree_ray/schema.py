@@ -100,13 +100,22 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
             "A later run reuses an ok row with the same key instead of scanning again (null if never fetched)."
         ),
     ),
+    (
+        "source_identity",
+        pa.string(),
+        True,
+        (
+            "The listing's identity of the checkpoint when it was scanned: size and ETag (S3), or size, mtime, "
+            "ctime and inode (local). A re-run reuses the ok row of an unchanged entry without downloading it."
+        ),
+    ),
 ]
 
 SCHEMA = pa.schema([pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in _COLUMNS])
 COLUMNS = [name for name, *_ in _COLUMNS]
 # Columns that legitimately differ between two runs over the same encoders.
 VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp",
-                    "evidence_grid")
+                    "evidence_grid", "source_identity")
 # Columns derived from the whole table when it is compacted (decree.fleet), not by the scan of one encoder.
 FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis")
 # Columns taken from a previous scan when an identical checkpoint is reported under another key.

@@ -26,6 +26,7 @@ from .redact import redact
 from .storage import DEFAULT_S3, S3Options
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+MAX_SIDECAR_BYTES = 64 << 10
 
 
 def checkpoint_suffixes() -> frozenset[str]:
@@ -50,6 +51,8 @@ class EncoderTask:
     error: str | None = None
     # Look for `<checkpoint>.json` (arch, image_size, mean, std, label) next to the checkpoint.
     sidecar: bool = False
+    # The listing's cheap identity of the file (size + ETag or mtime/ctime/inode): unchanged means not refetched.
+    identity: str | None = None
 
 
 @dataclass
@@ -82,16 +85,17 @@ def iter_tasks(
         prefix = source if source.endswith("/") or not source.rsplit("/", 1)[-1] else source + "/"
         if _is_checkpoint(source):  # a single object
             prefix = source
-        listing = ((uri, size, None) for uri, size in storage.iter_s3_objects(prefix, options))
+        listing = ((uri, size, None, ident) for uri, size, ident in storage.iter_s3_entries(prefix, options))
     else:
         path = Path(source)
         if path.is_file():
-            prefix, listing = str(path.parent) + "/", iter([(str(path), path.stat().st_size, None)])
+            st = path.stat()
+            prefix, listing = str(path.parent) + "/", iter([(str(path), st.st_size, None, storage.local_identity(st))])
         elif path.is_dir():
             prefix, listing = str(path).rstrip("/") + "/", storage.iter_local_files(path)
         else:
             raise FileNotFoundError(f"source not found: {source} (expected a folder, s3://bucket/prefix or a manifest)")
-    for uri, size, problem in listing:
+    for uri, size, problem, ident in listing:
         stats.listed += 1
         rel = (uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]).lstrip("/")
         if problem is None and not _is_checkpoint(uri):
@@ -104,7 +108,32 @@ def iter_tasks(
                 stats.skip(uri)
             yield EncoderTask(id=rel, uri=uri, arch=arch, status="skipped", error=problem)
             continue
-        yield EncoderTask(id=rel, uri=uri, arch=arch, size_bytes=size, sidecar=True)
+        yield EncoderTask(id=rel, uri=uri, arch=arch, size_bytes=size, sidecar=True, identity=ident)
+
+
+def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> EncoderTask:
+    """`<checkpoint>.json` (or `<stem>.json`) may name arch, image_size, mean, std, label (MetadataError if it
+    names them badly). Read by the worker before a scan, and by the driver to tell an unchanged entry."""
+    from dataclasses import replace
+
+    stem = task.uri.rsplit(".", 1)[0]
+    for candidate in (task.uri + ".json", stem + ".json"):
+        try:
+            data = storage.read_optional(candidate, options, max_bytes=MAX_SIDECAR_BYTES)
+        except storage.TooLarge as e:
+            raise MetadataError(f"sidecar {e} (a sidecar names an arch and preprocessing: a few hundred bytes)") from e
+        if data is None:
+            continue
+        try:
+            meta = json.loads(data)
+        except (ValueError, RecursionError):
+            continue  # not a sidecar of ours; without an arch the scan says so in the row
+        if not isinstance(meta, dict):
+            continue
+        given = preprocessing(meta)
+        return replace(task, arch=given["arch"] or task.arch, image_size=given["image_size"] or task.image_size,
+                       mean=given["mean"] or task.mean, std=given["std"] or task.std, label=given["label"] or task.label)
+    return task
 
 
 def _is_checkpoint(uri: str) -> bool:

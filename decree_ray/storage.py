@@ -72,19 +72,32 @@ def s3_client(options: S3Options = DEFAULT_S3):
     return boto3.session.Session().client("s3", endpoint_url=options.endpoint_url, config=config)
 
 
-def iter_s3_objects(uri: str, options: S3Options = DEFAULT_S3) -> Iterator[tuple[str, int]]:
-    """(uri, size) of every object under an s3:// prefix, page by page (never one big list)."""
+def iter_s3_entries(uri: str, options: S3Options = DEFAULT_S3) -> Iterator[tuple[str, int, str]]:
+    """(uri, size, identity) of every object under an s3:// prefix, page by page (never one big list).
+    The identity (size and ETag, which changes with the content) lets a re-run skip unchanged objects."""
     bucket, prefix = split_s3(uri)
     paginator = s3_client(options).get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", ()):
-            yield f"s3://{bucket}/{obj['Key']}", int(obj["Size"])
+            size = int(obj["Size"])
+            yield f"s3://{bucket}/{obj['Key']}", size, f"s3:{size}:{obj.get('ETag', '')}"
 
 
-def iter_local_files(folder: str | Path) -> Iterator[tuple[str, int | None, str | None]]:
-    """(path, size, None) of every regular file under a folder, sorted per directory, walked lazily; entries
-    that are not to be read come as (path, None, reason): a dangling symlink, a symlink out of the folder
-    (never followed: its target is not the audited party's to name), a FIFO, socket or device."""
+def iter_s3_objects(uri: str, options: S3Options = DEFAULT_S3) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every object under an s3:// prefix, page by page."""
+    for u, size, _ in iter_s3_entries(uri, options):
+        yield u, size
+
+
+def local_identity(st: os.stat_result) -> str:
+    """Size, mtime, ctime and inode: a rewrite changes ctime, which (unlike mtime) its owner cannot set back."""
+    return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def iter_local_files(folder: str | Path) -> Iterator[tuple[str, int | None, str | None, str | None]]:
+    """(path, size, None, identity) of every regular file under a folder, sorted per directory, walked lazily;
+    entries that are not to be read come as (path, None, reason, None): a dangling symlink, a symlink out of the
+    folder (never followed: its target is not the audited party's to name), a FIFO, socket or device."""
     root_real = os.path.realpath(folder)
     for root, dirs, files in os.walk(folder):  # os.walk does not descend into symlinked folders
         dirs.sort()
@@ -94,19 +107,19 @@ def iter_local_files(folder: str | Path) -> Iterator[tuple[str, int | None, str 
                 if os.path.islink(path):
                     target = os.path.realpath(path)
                     if os.path.commonpath([root_real, target]) != root_real:
-                        yield path, None, "symlink out of the scanned folder (not followed)"
+                        yield path, None, "symlink out of the scanned folder (not followed)", None
                         continue
                     if not os.path.exists(target):
-                        yield path, None, "dangling symlink"
+                        yield path, None, "dangling symlink", None
                         continue
                 st = os.stat(path)
             except (OSError, ValueError) as e:
-                yield path, None, f"cannot stat: {type(e).__name__}"
+                yield path, None, f"cannot stat: {type(e).__name__}", None
                 continue
             if not stat.S_ISREG(st.st_mode):
-                yield path, None, "not a regular file (FIFO, socket or device)"
+                yield path, None, "not a regular file (FIFO, socket or device)", None
                 continue
-            yield path, st.st_size, None
+            yield path, st.st_size, None, local_identity(st)
 
 
 def exists(uri: str, options: S3Options = DEFAULT_S3) -> bool:
@@ -139,15 +152,41 @@ def read_bytes(uri: str, options: S3Options = DEFAULT_S3) -> bytes:
     return s3_client(options).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def read_optional(uri: str, options: S3Options = DEFAULT_S3) -> bytes | None:
-    """The bytes at `uri`, or None when nothing is there (other failures raise)."""
+def identity_of(uri: str, options: S3Options = DEFAULT_S3) -> str:
+    """The listing identity of one entry (as iter_s3_entries / iter_local_files give it): a HEAD or a stat."""
+    if not is_s3(uri):
+        return local_identity(os.stat(uri))
+    bucket, key = split_s3(uri)
+    head = s3_client(options).head_object(Bucket=bucket, Key=key)
+    return f"s3:{int(head['ContentLength'])}:{head.get('ETag', '')}"
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def read_optional(uri: str, options: S3Options = DEFAULT_S3, max_bytes: int | None = None) -> bytes | None:
+    """The bytes at `uri`, or None when nothing is there (other failures raise). With `max_bytes`, a bigger
+    object raises TooLarge after reading at most max_bytes + 1 bytes of it (a hostile sidecar can be huge)."""
     if not is_s3(uri):
         path = Path(uri)
-        return path.read_bytes() if path.is_file() else None
+        if not path.is_file():
+            return None
+        with open(path, "rb") as fh:
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(f"{path.name} is over {max_bytes} bytes")
+        return data
     from botocore.exceptions import ClientError
 
     try:
-        return read_bytes(uri, options)
+        if max_bytes is None:
+            return read_bytes(uri, options)
+        bucket, key = split_s3(uri)
+        data = s3_client(options).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")["Body"].read()
+        if len(data) > max_bytes:
+            raise TooLarge(f"{uri.rsplit('/', 1)[-1]} is over {max_bytes} bytes")
+        return data
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None

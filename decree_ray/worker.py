@@ -9,13 +9,12 @@ Every exception becomes a row, never a crash.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from . import storage
 from .redact import redact
 from .results import task_content_key as content_key
 from .schema import new_row
-from .sources import EncoderTask
+from .sources import EncoderTask, apply_sidecar
 from .storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ class ScanWorker:
                     path.unlink(missing_ok=True)
                 return {"row": self._too_big(task, size, limit, sha256=sha)}
             if task.sidecar:
-                task = self._apply_sidecar(task)
+                task = apply_sidecar(task, self.settings.s3)  # MetadataError: this encoder's error row
         except Exception as e:  # noqa: BLE001
             if delete:
                 path.unlink(missing_ok=True)
@@ -197,32 +196,6 @@ class ScanWorker:
     @staticmethod
     def _too_big(task: EncoderTask, size: int, limit: int, **known: Any) -> dict[str, Any]:
         return error_row(task, f"checkpoint is {size} bytes, over the limit of {limit} bytes", size_bytes=size, **known)
-
-    def _apply_sidecar(self, task: EncoderTask) -> EncoderTask:
-        """`<checkpoint>.json` (or `<stem>.json`) may name arch, image_size, mean, std, label."""
-        stem = task.uri.rsplit(".", 1)[0]
-        for candidate in (task.uri + ".json", stem + ".json"):
-            data = storage.read_optional(candidate, self.settings.s3)
-            if data is None:
-                continue
-            try:
-                meta = json.loads(data)
-            except (ValueError, RecursionError):
-                continue  # not a sidecar of ours; without an arch the scan says so in the row
-            if not isinstance(meta, dict):
-                continue
-            from .metadata import preprocessing
-
-            given = preprocessing(meta)  # MetadataError: this encoder's error row (fetch catches it)
-            return replace(
-                task,
-                arch=given["arch"] or task.arch,
-                image_size=given["image_size"] or task.image_size,
-                mean=given["mean"] or task.mean,
-                std=given["std"] or task.std,
-                label=given["label"] or task.label,
-            )
-        return task
 
     def drop(self, uri: str | None = None) -> None:
         """Forget a fetched checkpoint (all of them without `uri`) and delete its cached file."""

@@ -59,7 +59,7 @@ ABUSE = [
     (json.dumps({"id": "no-uri", **_GOOD}), "error", "no uri"),
     (json.dumps({"id": "no-arch", "uri": "encoders/./enc0.safetensors"}), "error", "no architecture"),
     (json.dumps({"id": "int-arch", "uri": "encoders/x1.safetensors", "arch": 5}), "error", "arch must look like"),
-    (json.dumps({"id": "unknown-arch", "uri": "encoders/enc1.safetensors#", "arch": "timm/nope"}), "skipped", "not a checkpoint"),
+    (json.dumps({"id": "unknown-arch", "uri": "encoders/enc1.safetensors#", "arch": "timm/nope"}), "error", "cannot read"),
     (json.dumps({"id": "size-str", "uri": "encoders/enc2.safetensors", "arch": TINY_ARCH, "image_size": "big"}), None, None),
     (json.dumps({"id": "size-list", "uri": "encoders/e3.safetensors", "arch": TINY_ARCH, "image_size": [32]}), "error", "bad manifest entry"),
     (json.dumps({"id": "size-word", "uri": "encoders/e4.safetensors", "arch": TINY_ARCH, "image_size": "big"}), "error", "bad manifest entry"),

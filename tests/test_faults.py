@@ -397,7 +397,8 @@ def test_identical_bytes_scanned_at_another_image_size_are_not_reused(local_ray,
 
     summary = run_job(_config(manifest, zoo / "shadow.npz", tmp_path / "out"))
 
-    assert summary.reused == 2 and summary.scanned == 1  # a (resumed) and c reuse a's row; b is scanned
+    # a is unchanged (its row kept without a download), c reuses a's row by content, b is scanned
+    assert (summary.reused_unchanged, summary.reused, summary.scanned) == (1, 1, 1)
     rows = {r["id"]: r for r in results_mod.load_rows(str(tmp_path / "out"))}
     assert rows["c"]["content_key"] == rows["a"]["content_key"] != rows["b"]["content_key"]
     assert rows["c"]["pl1_norm"] == rows["a"]["pl1_norm"] and rows["a"]["status"] == "ok"

@@ -144,7 +144,7 @@ def test_a_rerun_with_other_settings_rescans_instead_of_keeping_the_earlier_verd
     smoke = run_job(_config(manifest, shadow, out, steps=1))
     assert smoke.scanned == 3 and smoke.other_settings == 0
     same = run_job(_config(manifest, shadow, out, steps=1))
-    assert same.scanned == 0 and same.reused == 4  # identical settings: nothing to do
+    assert same.scanned == 0 and same.reused_unchanged == 4  # identical settings, unchanged files: nothing to do
     real = run_job(_config(manifest, shadow, out, steps=3))
     assert real.scanned == 3 and real.other_settings == 4  # the smoke run's rows did not decide this one
     rows = results_mod.load_rows(str(out))
@@ -286,3 +286,56 @@ def test_a_table_from_before_the_content_key_column_still_resumes_its_own_uris_o
     assert (summary.reused, summary.scanned) == (1, 1)
     rows = _by_id(results_mod.load_rows(str(out)))
     assert rows["a.safetensors"]["content_key"] == rows["b.safetensors"]["content_key"] is not None
+
+
+def _folder_with_sidecars(zoo, folder):
+    folder.mkdir()
+    for path in sorted((zoo / "encoders").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+        (folder / f"{path.name}.json").write_text(json.dumps({"arch": TINY_ARCH, "image_size": TINY_SIZE}))
+    return folder
+
+
+def test_a_rerun_reuses_unchanged_entries_without_downloading_and_refetches_changed_ones(local_ray, zoo, tmp_path):
+    folder = _folder_with_sidecars(zoo, tmp_path / "fleet")
+    shadow, out = zoo / "shadow.npz", tmp_path / "out"
+    first = run_job(_config(folder, shadow, out))
+    assert first.scanned == 3 and first.reused == 1 and first.reused_unchanged == 0
+
+    again = run_job(_config(folder, shadow, out))
+    assert (again.scanned, again.reused, again.reused_unchanged) == (0, 0, 4)  # nothing fetched at all
+
+    # the same bytes rewritten: a new ctime, so fetched and hashed again, then reused by content
+    (folder / "enc1.safetensors").write_bytes((folder / "enc1.safetensors").read_bytes())
+    # another preprocessing in the sidecar: the key changes, so it is scanned again
+    (folder / "enc2.safetensors.json").write_text(json.dumps({"arch": TINY_ARCH, "image_size": TINY_SIZE + 8}))
+    third = run_job(_config(folder, shadow, out))
+    assert (third.scanned, third.reused, third.reused_unchanged) == (1, 1, 2)
+    rows = _by_id(results_mod.load_rows(str(out)))
+    assert rows["enc2.safetensors"]["image_size"] == TINY_SIZE + 8
+    assert all(r["source_identity"].startswith("file:") for r in rows.values())
+
+
+def test_other_settings_never_reuse_an_unchanged_entry(local_ray, zoo, tmp_path):
+    folder = _folder_with_sidecars(zoo, tmp_path / "fleet")
+    shadow, out = zoo / "shadow.npz", tmp_path / "out"
+    run_job(_config(folder, shadow, out, steps=1))
+    real = run_job(_config(folder, shadow, out, steps=3))
+    assert real.reused_unchanged == 0 and real.scanned == 3
+
+
+@pytest.mark.s3
+def test_an_s3_rerun_of_a_finished_scan_downloads_no_checkpoint(local_ray, s3, zoo, tmp_path, caplog):
+    import logging
+
+    client, bucket, endpoint = s3
+    src = upload_folder(client, bucket, _folder_with_sidecars(zoo, tmp_path / "fleet"), "fleet")
+    out = f"s3://{bucket}/scan"
+    shadow = upload_folder(client, bucket, zoo, "z") + "/shadow.npz"
+    run_job(_config(src, shadow, out, endpoint_url=endpoint))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        again = run_job(_config(src, shadow, out, endpoint_url=endpoint))
+    assert again.reused_unchanged == 4 and again.scanned == 0
+    gets = [r.getMessage() for r in caplog.records if '"GET /' in r.getMessage()]
+    assert gets and not [g for g in gets if ".safetensors " in g or ".safetensors?" in g], gets
