@@ -21,7 +21,10 @@ def test_scale_benchmark_scans_every_encoder_in_each_mode_and_lists_every_key(tm
     assert [(r["workers"], r["prefetch"]) for r in runs] == [(1, 1), (1, 0), (2, 1)]
     assert all(r["ok"] == r["rows"] == 3 and r["errors"] == 0 for r in runs)
     assert all(r["seconds"] > 0 and "overhead_vs_plain" in r for r in runs)
+    rerun = runs[0]["rerun"]  # the finished scan again: every row kept, no checkpoint downloaded
+    assert (rerun["reused_unchanged"], rerun["downloaded"], rerun["scanned"]) == (3, 0, 0)
     listing = result["listing"]
     assert listing["stream"]["keys"] == listing["materialize"]["keys"] == 25
     md = (out / "SCALE.md").read_text()
     assert "Ray job, 1 actor, prefetch 1" in md and "Listing 25 keys" in md
+    assert "Re-running a finished 3-encoder scan" in md
