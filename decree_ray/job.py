@@ -29,7 +29,7 @@ from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
 from .sources import EncoderTask, SourceStats, apply_sidecar, is_manifest, iter_tasks
 from .pool import ActorShape, autoscaler_can_grow, offer, plan_actors
-from .worker import ScanSettings, ScanWorker, error_row
+from .worker import ScanSettings, ScanWorker, error_row, write_evidence
 
 
 def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
@@ -396,7 +396,7 @@ class _Job:
             self._after_fetch(slot, work, result)
         else:
             self.summary.scanned += 1
-            self._finish(work, result)
+            self._finish(work, write_evidence(result, self.cfg.out))
 
     def _pop(self, slot: _Slot, call: _Call) -> None:
         """A call came back: the actor runs calls in order, so the next one started about now."""

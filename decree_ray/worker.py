@@ -54,6 +54,34 @@ def _settings_key(s: ScanSettings, shadow_sha256: str) -> str:
                         shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256)
 
 
+EVIDENCE_COLUMNS = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
+EVIDENCE_BYTES = "_evidence_bytes"  # {column: (file name, PNG bytes)} on a row for a local --out; not a column
+
+
+def write_evidence(row: dict[str, Any], out: str) -> dict[str, Any]:
+    """Driver side: write the PNG bytes a worker returned into OUT/evidence/<key>/ and point the row at them."""
+    files = row.pop(EVIDENCE_BYTES, None)
+    if not files:
+        return row
+    folder = Path(out) / "evidence" / _evidence_key(row.get("content_key") or row.get("sha256") or row["uri"])
+    row = dict(row)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for column, (name, data) in files.items():
+            name = Path(str(name)).name
+            if column not in EVIDENCE_COLUMNS or not name.endswith(".png"):
+                continue
+            target = folder / name
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+            row[column] = str(target)
+    except OSError as e:  # evidence is a by-product: the verdict stands without it
+        log.warning("evidence for %s not written: %s", row.get("id"), e)
+        row.update(dict.fromkeys(EVIDENCE_COLUMNS))
+    return row
+
+
 def _evidence_key(content_key: str) -> str:
     """Evidence folder name: the same bytes scanned with other preprocessing or settings get their own images."""
     import hashlib
@@ -259,13 +287,28 @@ class ScanWorker:
             values = self._publish_evidence(values, _evidence_key(known["content_key"]), evidence_dir)
         values = {k: v for k, v in values.items() if k not in ("id", "uri", "status", "arch", "label", "error")}
         values.setdefault("decree_version", decree_version())
-        return new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label, **known, **values)
+        files = values.pop(EVIDENCE_BYTES, None)
+        row = new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label, **known, **values)
+        return {**row, EVIDENCE_BYTES: files} if files else row
 
     def _publish_evidence(self, values: dict[str, Any], folder: str, local_dir: Path) -> dict[str, Any]:
-        """Upload the evidence PNGs; if that fails the scan still stands: ok row, evidence columns null."""
-        keys = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
+        """Upload the evidence PNGs to an S3 --out; for a local --out, hand their bytes back with the row (the
+        driver writes them: on a multi-node cluster this worker's disk is not the driver's). If that fails the
+        scan still stands: ok row, evidence columns null."""
+        keys = EVIDENCE_COLUMNS
         dest = storage.join(self.settings.out, "evidence", folder)
         out = dict(values)
+        if not storage.is_s3(self.settings.out):
+            try:
+                out[EVIDENCE_BYTES] = {key: (Path(src).name, Path(src).read_bytes()) for key in keys
+                                       if (src := values.get(key)) and Path(src).is_file()}
+                out.update(dict.fromkeys(keys))  # set by the driver once written
+            except OSError as e:
+                log.warning("evidence for %s unreadable: %s", folder, error_text(e))
+                out.update(dict.fromkeys(keys))
+            finally:
+                shutil.rmtree(local_dir, ignore_errors=True)
+            return out
         try:
             for key in keys:
                 src = values.get(key)

@@ -63,3 +63,24 @@ def test_removing_a_node_mid_scan_retries_its_encoder_and_every_encoder_gets_exa
     assert sorted(r["id"] for r in rows) == [f"m{i}.safetensors" for i in range(6)]
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert summary.total == 6 and summary.retried >= 1
+
+
+def test_a_local_out_on_a_multi_node_cluster_gets_every_evidence_png_from_the_driver(cluster, zoo, tmp_path):
+    """Workers on other nodes have their own disks: they hand the PNGs back and the driver writes them under
+    OUT, so every evidence path in the table is a file the driver (and the report) can open."""
+    folder = tmp_path / "encoders"
+    for i in range(3):
+        write_encoder(folder / f"e{i}.safetensors", seed=200 + i)
+    out = tmp_path / "out"
+    config = JobConfig(source=str(folder), shadow=str(zoo / "shadow.npz"), out=str(out), arch=TINY_ARCH, steps=20,
+                       overrides=FAST_OVERRIDES, num_workers=2, timeout=120.0)
+
+    run_job(config)
+
+    rows = results_mod.load_rows(str(out))
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        for column in ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid"):
+            path = r[column]
+            assert path and path.startswith(str(out / "evidence")), (column, path)
+            assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

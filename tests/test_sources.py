@@ -229,3 +229,27 @@ def test_a_folder_listing_never_follows_links_out_and_reports_what_it_cannot_rea
     assert tasks["dangling.pt"].status == "skipped"
     assert tasks["dangling-inside.pt"].error == "dangling symlink"
     assert tasks["pipe.pt"].status == "skipped" and "not a regular file" in tasks["pipe.pt"].error
+
+
+def test_a_worker_never_writes_evidence_into_a_local_out_itself(zoo, tmp_path):
+    """On a multi-node cluster the worker's disk is not the driver's: for a local --out the PNG bytes travel
+    with the row, and only the driver (write_evidence) puts them under OUT."""
+    from pathlib import Path
+
+    from conftest import FAST_OVERRIDES
+
+    from decree_ray.worker import EVIDENCE_BYTES, ScanSettings, ScanWorker, write_evidence
+
+    out = tmp_path / "out"
+    worker = ScanWorker(ScanSettings(shadow=str(zoo / "shadow.npz"), out=str(out), cache_dir=str(tmp_path / "c"),
+                                     steps=2, overrides=FAST_OVERRIDES))
+    [task] = [t for t in iter_tasks(str(zoo / "manifest.jsonl")) if t.id == "enc1"]
+    worker.fetch(task)
+    row = worker.scan()
+    worker.close()
+    assert not out.exists()  # nothing written by the worker
+    files = row[EVIDENCE_BYTES]
+    assert set(files) == {"evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid"}
+    assert all(data.startswith(b"\x89PNG") for _, data in files.values())
+    written = write_evidence(row, str(out))
+    assert EVIDENCE_BYTES not in written and all(Path(written[c]).is_file() for c in files)

@@ -13,7 +13,7 @@ from pathlib import Path
 from decree_ray.schema import FLEET_COLUMNS, VOLATILE_COLUMNS, new_row
 from decree_ray.sources import iter_tasks
 from decree_ray.storage import DEFAULT_S3, S3Options
-from decree_ray.worker import ScanSettings, ScanWorker
+from decree_ray.worker import ScanSettings, ScanWorker, write_evidence
 
 FAST = (("restarts", 1), ("batch_size", 8), ("eval_images", 8))
 
@@ -34,7 +34,8 @@ def scan_source(source: str, worker: ScanWorker, *, arch: str | None = None, s3:
                                 error=task.error))
             continue
         fetched = worker.fetch(task)
-        rows.append(fetched["row"] if "row" in fetched else worker.scan())
+        # as the driver does: a local --out gets the evidence PNGs the worker handed back
+        rows.append(fetched["row"] if "row" in fetched else write_evidence(worker.scan(), str(worker.settings.out)))
     return rows
 
 
