@@ -208,7 +208,8 @@ class _Job:
             if task.status != "pending":  # the source already knows: a row without a worker
                 self._emit(
                     new_row(
-                        id=task.id, uri=task.uri, status=task.status, arch=task.arch, label=task.label, error=task.error
+                        id=task.id, uri=task.uri, status=task.status, arch=task.arch, label=task.label, error=task.error,
+                        arch_source=task.arch_source,
                     )
                 )
                 continue
@@ -254,7 +255,8 @@ class _Job:
     def _copy(self, src: dict[str, Any], task: EncoderTask, size: int | None, sha: str | None) -> dict[str, Any]:
         """The row of an identical checkpoint, reported for this uri."""
         values = {c: src.get(c) for c in SCAN_COLUMNS if c not in ("arch", "status", "error")}
-        values.update(sha256=sha or values.get("sha256"), size_bytes=size or values.get("size_bytes"), seconds=0.0)
+        values.update(sha256=sha or values.get("sha256"), size_bytes=size or values.get("size_bytes"), seconds=0.0,
+                      arch_source=task.arch_source)
         self.summary.reused += 1
         return new_row(
             id=task.id,

@@ -24,6 +24,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("size_bytes", pa.int64(), True, "Checkpoint size in bytes."),
     ("arch", pa.string(), True, "Architecture scanned (`timm/...`, `torchvision/...`, `open_clip/...`)."),
     ("label", pa.string(), True, "Ground truth from the manifest (`clean`/`trojaned`), if known."),
+    ("arch_source", pa.string(), True,
+     "Where `arch` came from: `manifest`, `sidecar` (<checkpoint>.json), `hub config` (a Hugging Face snapshot's "
+     "config.json / open_clip_config.json) or `--arch`."),
     (
         "status",
         pa.string(),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import storage
+from . import hub, storage
 from .metadata import MetadataError, missing, preprocessing
 from .redact import redact
 from .storage import DEFAULT_S3, S3Options
@@ -53,6 +53,7 @@ class EncoderTask:
     sidecar: bool = False
     # The listing's cheap identity of the file (size + ETag or mtime/ctime/inode): unchanged means not refetched.
     identity: str | None = None
+    arch_source: str | None = None  # where `arch` came from: manifest | sidecar | hub config | --arch
 
 
 @dataclass
@@ -95,20 +96,32 @@ def iter_tasks(
             prefix, listing = str(path).rstrip("/") + "/", storage.iter_local_files(path)
         else:
             raise FileNotFoundError(f"source not found: {source} (expected a folder, s3://bucket/prefix or a manifest)")
+    given = "--arch" if arch else None
     for uri, size, problem, ident in listing:
         stats.listed += 1
         rel = (uri[len(prefix) :] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]).lstrip("/")
+        hf = None if storage.is_s3(uri) else hub.hub_file(uri)
+        if hf is not None:
+            if problem is None and not hub.is_weights(hf.name):  # config.json, README.md: the snapshot's own files
+                stats.sidecars += 1
+                continue
+            rel = hf.encoder_id
         if problem is None and not _is_checkpoint(uri):
             if _is_sidecar(uri):
                 stats.sidecars += 1
                 continue
             problem = _not_a_checkpoint(uri)
+        if problem is None and not storage.is_s3(uri):
+            problem = hub.skip_reason(uri, hf)
+            if uri.endswith(hub.INDEX_SUFFIX):
+                ident = None  # the shards' identities are not the index's: always fetched and hashed
         if problem is not None:  # a row that says why, never a silent gap or an aborted listing
+            rel = hf.file_id if hf is not None else rel  # never the id of the snapshot's scanned weights
             if problem.startswith("not a checkpoint"):
                 stats.skip(uri)
             yield EncoderTask(id=rel, uri=uri, arch=arch, status="skipped", error=problem)
             continue
-        yield EncoderTask(id=rel, uri=uri, arch=arch, size_bytes=size, sidecar=True, identity=ident)
+        yield EncoderTask(id=rel, uri=uri, arch=arch, size_bytes=size, sidecar=True, identity=ident, arch_source=given)
 
 
 def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> EncoderTask:
@@ -118,6 +131,8 @@ def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> Encoder
 
     stem = task.uri.rsplit(".", 1)[0]
     for candidate in (task.uri + ".json", stem + ".json"):
+        if candidate == task.uri:  # a shard index is not its own sidecar
+            continue
         try:
             data = storage.read_optional(candidate, options, max_bytes=MAX_SIDECAR_BYTES)
         except storage.TooLarge as e:
@@ -132,12 +147,24 @@ def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> Encoder
             continue
         given = preprocessing(meta)
         return replace(task, arch=given["arch"] or task.arch, image_size=given["image_size"] or task.image_size,
-                       mean=given["mean"] or task.mean, std=given["std"] or task.std, label=given["label"] or task.label)
+                       mean=given["mean"] or task.mean, std=given["std"] or task.std, label=given["label"] or task.label,
+                       arch_source="sidecar" if given["arch"] else task.arch_source)
+    hf = None if storage.is_s3(task.uri) else hub.hub_file(task.uri)
+    if hf is not None and task.arch_source in (None, "--arch"):
+        try:
+            found = hub.hub_metadata(hf)
+        except ValueError as e:
+            raise MetadataError(str(e)) from e
+        if found is not None:
+            given = preprocessing(found)
+            return replace(task, arch=given["arch"], image_size=given["image_size"] or task.image_size,
+                           mean=given["mean"] or task.mean, std=given["std"] or task.std, arch_source="hub config")
     return task
 
 
 def _is_checkpoint(uri: str) -> bool:
-    return PurePosixPath(uri.lower()).suffix in checkpoint_suffixes()
+    low = uri.lower()
+    return PurePosixPath(low).suffix in checkpoint_suffixes() or low.endswith(hub.INDEX_SUFFIX)
 
 
 def _is_sidecar(uri: str) -> bool:
@@ -249,6 +276,7 @@ def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str |
         std=meta["std"],
         label=meta["label"],
         sidecar=task_arch is None,
+        arch_source="manifest" if task_arch else ("--arch" if arch else None),
     )
     return task  # whatever its name: the loader decides by content, and says so in the row if it is not one
 

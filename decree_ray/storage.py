@@ -98,9 +98,13 @@ def iter_local_files(folder: str | Path) -> Iterator[tuple[str, int | None, str 
     """(path, size, None, identity) of every regular file under a folder, sorted per directory, walked lazily;
     entries that are not to be read come as (path, None, reason, None): a dangling symlink, a symlink out of the
     folder (never followed: its target is not the audited party's to name), a FIFO, socket or device."""
-    root_real = os.path.realpath(folder)
+    from .hub import is_storage_dir, repo_root
+
+    # links may point anywhere inside the folder, or inside the Hugging Face repo folder that holds it
+    # (a snapshot's files link to the repo's blobs/), never further out
+    root_real = os.path.realpath(repo_root(folder) or folder)
     for root, dirs, files in os.walk(folder):  # os.walk does not descend into symlinked folders
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not is_storage_dir(root, d))  # blobs/ are listed via snapshots/
         for name in sorted(files):
             path = os.path.join(root, name)
             try:

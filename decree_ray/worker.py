@@ -58,6 +58,24 @@ EVIDENCE_COLUMNS = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evid
 EVIDENCE_BYTES = "_evidence_bytes"  # {column: (file name, PNG bytes)} on a row for a local --out; not a column
 
 
+def _digest(path: Path) -> tuple[str, int]:
+    """sha256 and size of a checkpoint; a shard index covers its shards' bytes too (the index alone says nothing
+    about the weights), so a changed shard is a changed checkpoint."""
+    from decree.encoders.checkpoint import SHARD_INDEX_SUFFIX, shard_files
+
+    sha, size = storage.sha256_file(path)
+    if not path.name.endswith(SHARD_INDEX_SUFFIX):
+        return sha, size
+    import hashlib
+
+    h = hashlib.sha256(sha.encode())
+    for shard in shard_files(path):
+        part, n = storage.sha256_file(shard)
+        h.update(f"{shard.name}:{part}".encode())
+        size += n
+    return h.hexdigest(), size
+
+
 def write_evidence(row: dict[str, Any], out: str) -> dict[str, Any]:
     """Driver side: write the PNG bytes a worker returned into OUT/evidence/<key>/ and point the row at them."""
     files = row.pop(EVIDENCE_BYTES, None)
@@ -116,7 +134,7 @@ def error_row(task: EncoderTask, message: str, **values: Any) -> dict[str, Any]:
         label=task.label,
         error=redact(message),  # defence in depth: error texts may quote presigned URLs or keys
         decree_version=decree_version(),
-        **values,
+        **{"arch_source": task.arch_source, **values},
     )
 
 
@@ -207,7 +225,7 @@ class ScanWorker:
         except Exception as e:  # noqa: BLE001 - any download failure is this encoder's error row
             return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
         try:
-            sha, size = storage.sha256_file(path)
+            sha, size = _digest(path)
             if limit is not None and size > limit:  # the object grew after its listing/HEAD
                 if delete:
                     path.unlink(missing_ok=True)
@@ -288,7 +306,8 @@ class ScanWorker:
         values = {k: v for k, v in values.items() if k not in ("id", "uri", "status", "arch", "label", "error")}
         values.setdefault("decree_version", decree_version())
         files = values.pop(EVIDENCE_BYTES, None)
-        row = new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label, **known, **values)
+        row = new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label,
+                      arch_source=task.arch_source, **known, **values)
         return {**row, EVIDENCE_BYTES: files} if files else row
 
     def _publish_evidence(self, values: dict[str, Any], folder: str, local_dir: Path) -> dict[str, Any]:

@@ -202,13 +202,58 @@ def _names(blocked: list[str]) -> str:
     return shown + (f" and {len(blocked) - MAX_BLOCKED_SHOWN} more" if len(blocked) > MAX_BLOCKED_SHOWN else "")
 
 
+SHARD_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shards a `*.safetensors.index.json` names: plain .safetensors file names beside it, nothing else."""
+    import json
+
+    if index.stat().st_size > 64 << 20:
+        raise CheckpointError(f"shard index {index.name} is over 64 MiB")
+    try:
+        data = json.loads(index.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"shard index {index.name} is not JSON: {type(e).__name__}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"shard index {index.name} has no weight_map")
+    names = sorted({v for v in weight_map.values() if isinstance(v, str)})
+    bad = [n for n in names if "/" in n or "\\" in n or n in (".", "..") or not n.endswith(".safetensors")]
+    if bad or not names:
+        raise CheckpointError(f"shard index {index.name} names shards that are not .safetensors files beside it: "
+                              f"{[n[:80] for n in bad[:3]]}")
+    return [index.parent / n for n in names]
+
+
+def _read_sharded(index: Path, max_bytes: int | None) -> dict[str, torch.Tensor]:
+    shards = shard_files(index)
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"shard index {index.name}: missing shards {missing[:3]}")
+    total = sum(p.stat().st_size for p in shards)
+    if max_bytes is not None and total > max_bytes:
+        raise CheckpointError(f"sharded checkpoint {index.name} is {total} bytes, over the limit of {max_bytes} bytes")
+    merged: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        part = read_state_dict(shard)
+        clash = set(part) & set(merged)
+        if clash:
+            raise CheckpointError(f"shards of {index.name} both hold {sorted(clash)[:3]}")
+        merged.update(part)
+    return merged
+
+
 def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Read tensors from a checkpoint file, safely. Returns the raw (possibly wrapped) mapping.
 
-    The format is decided by content, not by name (`model_best.pth.tar` is a zip, a `.bin` may be anything).
+    The format is decided by content, not by name (`model_best.pth.tar` is a zip, a `.bin` may be anything);
+    a `*.safetensors.index.json` loads its shards as one checkpoint.
     `max_bytes` refuses bigger files before reading them (None: no limit).
     """
     path = Path(path)
+    if path.name.endswith(SHARD_INDEX_SUFFIX) and path.is_file():
+        return _read_sharded(path, max_bytes)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     size = path.stat().st_size
