@@ -117,7 +117,37 @@ def register_pretrained(arch: str) -> Callable:
     return deco
 
 
+PLUGIN_GROUP = "decree.encoders"
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Import the encoder families of installed packages (entry point group `decree.encoders`, e.g.
+    `[project.entry-points."decree.encoders"] mine = "my_pkg.decree_families"`). Each entry point is a module
+    that registers families on import, or a callable that does when called. Runs once per process, so the CLI,
+    the driver and every Ray worker see the same families; a plugin that fails to load is reported and skipped,
+    never fatal. Returns the entry points that failed."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    import warnings
+    from importlib.metadata import entry_points
+
+    failed = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+        except Exception as e:  # noqa: BLE001 - someone else's package must not stop a scan
+            failed.append(ep.name)
+            warnings.warn(f"decree encoder plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+    return failed
+
+
 def families() -> list[str]:
+    load_plugins()
     return sorted(_FAMILIES)
 
 
@@ -135,6 +165,8 @@ def split_arch(arch: str) -> tuple[str, str]:
     family, sep, name = arch.partition("/")
     if not sep or not name:
         raise ArchitectureError(f"arch must look like '<family>/<name>', got {arch!r}; families: {families()}")
+    if family not in _FAMILIES:
+        load_plugins()
     if family not in _FAMILIES:
         raise ArchitectureError(f"unknown encoder family {family!r} in {arch!r}; families: {families()}")
     return family, name
