@@ -319,3 +319,12 @@ def test_an_unexpected_exception_exits_2_with_one_line_not_a_traceback(monkeypat
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unexpected failure: KeyError" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+
+
+def test_the_readme_schema_table_is_the_schema():
+    from pathlib import Path
+
+    from decree_ray.schema import SCHEMA_MARKDOWN
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert SCHEMA_MARKDOWN.strip() in readme  # regenerate the README's table from decree_ray.schema if this fails
