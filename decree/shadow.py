@@ -119,7 +119,12 @@ def load_shadow(source, image_size: int, *, device=None, limit: int | None = Non
 
 
 class ShadowSet:
-    """Shadow images read once; pixel tensors cached per (image size, device) for repeated scans."""
+    """Shadow images read once; pixel tensors cached per (image size, device) for repeated scans.
+
+    The cache keeps the CACHE_SIZES most recently used sizes: an encoder that claims a huge input size costs its
+    own scan that memory, not every later encoder on the worker (a 4096-px set of 300 images is 60 GB)."""
+
+    CACHE_SIZES = 3
 
     def __init__(self, source, *, limit: int | None = None, seed: int = 0):
         images = read_images(source)
@@ -148,6 +153,10 @@ class ShadowSet:
 
     def pixels(self, image_size: int, device=None) -> torch.Tensor:
         key = (int(image_size), str(torch.device(device) if device is not None else "cpu"))
-        if key not in self._cache:
-            self._cache[key] = to_pixels(self.images, int(image_size), key[1])
-        return self._cache[key]
+        hit = self._cache.pop(key, None)
+        if hit is None:
+            while len(self._cache) >= self.CACHE_SIZES:
+                self._cache.pop(next(iter(self._cache)))  # least recently used first (dicts keep order)
+            hit = to_pixels(self.images, int(image_size), key[1])
+        self._cache[key] = hit
+        return hit

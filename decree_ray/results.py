@@ -7,6 +7,7 @@ the next run reads what is there and does not scan those encoders again.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import time
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .schema import SCHEMA, to_table
+from .schema import SCHEMA, now_utc, to_table
 from .storage import DEFAULT_S3, S3Options
 
 RESULTS_NAME = "results.parquet"
@@ -81,6 +82,25 @@ def _sources(out: str, options: S3Options) -> tuple[list[str], list[str]]:
     return ([main] if storage.exists(main, options) else []), parts
 
 
+CLOCK_SKEW = datetime.timedelta(minutes=10)
+
+
+def _broken_invariant(rows: list[dict[str, Any]]) -> str | None:
+    from .schema import STATUSES
+
+    required = [f.name for f in SCHEMA if not f.nullable]
+    horizon = now_utc() + CLOCK_SKEW
+    for row in rows:
+        missing = [c for c in required if row.get(c) is None]
+        if missing:
+            return f"null in not-null columns {missing}"
+        if row["status"] not in STATUSES:
+            return f"unknown status {str(row['status'])[:40]!r}"
+        if row["scanned_at"] > horizon:
+            return f"scanned_at {row['scanned_at'].isoformat()} is in the future"
+    return None
+
+
 def _read_all(out: str, options: S3Options) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """(rows, part files read, part files unreadable). One row per uri: the latest by scanned_at."""
     main, parts = _sources(out, options)
@@ -95,8 +115,18 @@ def _read_all(out: str, options: S3Options) -> tuple[list[dict[str, Any]], list[
             warnings.warn(f"skipping unreadable part file {uri}: {e}", stacklevel=3)
             bad.append(uri)
             continue
+        rows = table.to_pylist()
+        problem = _broken_invariant(rows)
+        if problem is not None and uri not in main:
+            # a part that parses but breaks the schema's promises (a null id, a status that is not one, a
+            # scanned_at in the future that would win every merge): set aside like an unreadable one
+            warnings.warn(f"setting aside part file {uri}: {problem}", stacklevel=3)
+            bad.append(uri)
+            continue
         good.extend([uri] if uri in parts else [])
-        for row in table.to_pylist():
+        for row in rows:
+            if row.get("uri") is None or row.get("scanned_at") is None:
+                continue  # only possible in a damaged results.parquet: never let one row stop the merge
             old = latest.get(row["uri"])
             if old is None or row["scanned_at"] >= old["scanned_at"]:
                 latest[row["uri"]] = row

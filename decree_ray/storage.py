@@ -271,6 +271,29 @@ def fetch(uri: str, cache_dir: str | Path, options: S3Options = DEFAULT_S3) -> t
     return dest, True
 
 
+def snapshot_local(path: str | Path, cache_dir: str | Path, max_bytes: int | None = None) -> tuple[Path, str, int]:
+    """Copy a local checkpoint into the cache while hashing it: the bytes scanned are the bytes hashed, even if
+    the audited party rewrites the file between the listing, the hash and the load. Returns (copy, sha, size)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+    tmp = Path(tmp_name)
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            while chunk := src.read(HASH_CHUNK):
+                h.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:  # grew past the limit after its listing
+                    raise TooLarge(f"{Path(path).name} grew past {max_bytes} bytes while it was read")
+        dest = cache_dir / cache_name(str(path))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest, h.hexdigest(), size
+
+
 def sha256_file(path: str | Path) -> tuple[str, int]:
     """(hex digest, size) of a file, read in chunks."""
     h = hashlib.sha256()

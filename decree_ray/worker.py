@@ -221,11 +221,18 @@ class ScanWorker:
                 size = task.size_bytes if task.size_bytes is not None else storage.size_of(task.uri, self.settings.s3)
                 if size > limit:  # refused before a single byte of it is downloaded
                     return {"row": self._too_big(task, size, limit)}
-            path, delete = storage.fetch(task.uri, self.cache, self.settings.s3)
+            from decree.encoders.checkpoint import SHARD_INDEX_SUFFIX
+
+            copied = None
+            if not storage.is_s3(task.uri) and not task.uri.endswith(SHARD_INDEX_SUFFIX):
+                copied = storage.snapshot_local(task.uri, self.cache, limit)  # hash and scan the same bytes
+                path, delete = copied[0], True
+            else:
+                path, delete = storage.fetch(task.uri, self.cache, self.settings.s3)
         except Exception as e:  # noqa: BLE001 - any download failure is this encoder's error row
             return {"row": error_row(task, f"cannot read {task.uri}: {error_text(e)}")}
         try:
-            sha, size = _digest(path)
+            sha, size = copied[1:] if copied else _digest(path)
             if limit is not None and size > limit:  # the object grew after its listing/HEAD
                 if delete:
                     path.unlink(missing_ok=True)

@@ -191,7 +191,7 @@ def test_worker_turns_every_bad_file_into_one_error_row_and_scans_the_good_ones(
     ref = harness.scan_source(str(files["enc"] / "good.safetensors"), alone, arch=TINY_ARCH)
     alone.close()
     a, b = harness.stable([by_id["good.safetensors"]]), harness.stable(ref)
-    assert next(iter(a.values())) | {"id": None, "label": None} == next(iter(b.values())) | {"id": None, "label": None}
+    assert next(iter(a.values())) | {"id": None, "label": None, "arch_source": None} == next(iter(b.values())) | {"id": None, "label": None, "arch_source": None}
     assert not any(cache.rglob("*.safetensors")) and not any(cache.rglob("*.pt")), "cached downloads are removed"
     record("hostile checkpoint", "hostile + broken files mixed with good ones in one manifest (worker path)",
            len(rows), f"{len(cases)} error rows with reasons, unsafe_globals filled for the {len(files['hostile'])} "

@@ -7,18 +7,15 @@ stream with pickletools, which never executes anything).
 
 from __future__ import annotations
 
-import _compat_pickle
 import argparse
-import io
-import pickletools
 import re
-import tarfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError
+from .audit import scan_unsafe_globals
 
 # Names that are checkpoints by convention (`.tar`: MoCo/SimCLR releases and timm's model_best.pth.tar). The
 # loader itself decides by content (`sniff`), so a manifest entry or a local file with another name still loads.
@@ -33,121 +30,10 @@ WRAPPER_KEYS = ("state_dict", "model", "encoder", "model_state_dict", "module", 
 STRIP_PREFIXES = ("module.", "encoder_q.", "base_encoder.", "backbone.", "visual.", "f.", "encoder.", "model.",
                   "_orig_mod.")
 HEAD_PREFIXES = ("fc.", "head.", "heads.", "classifier.", "projection_head.", "projector.", "proj_head.", "g.")
-# Globals a plain state dict legitimately needs; anything else is reported as unsafe.
-_SAFE_GLOBAL = re.compile(
-    r"^(collections\.OrderedDict|torch\._utils\._rebuild_\w+|torch\.\w+Storage|torch\.(float|bfloat|half|int|long|"
-    r"bool|uint|double|complex)\w*|torch\.serialization\._get_layout|torch\.(strided|sparse_\w+)|torch\.Size|"
-    r"torch\.device|torch\._tensor\._rebuild_from_type_v2|torch\.nn\.parameter\.Parameter|_codecs\.encode|"
-    r"numpy\.core\.multiarray\._reconstruct|numpy\.dtype|numpy\.ndarray|builtins\.(set|frozenset|slice)|"
-    r"argparse\.Namespace)$"
-)
 # Plain data that training scripts store next to the weights (DINO, timm, DeiT, MAE save their `args`); allowed
 # for the one load call only (torch.serialization.safe_globals is a context), never process-wide.
 PLAIN_DATA_GLOBALS = (argparse.Namespace,)
 MAX_BLOCKED_SHOWN = 12  # a TorchScript-like pickle names thousands of globals: an error shows this many
-
-
-_MARK = object()  # a MARK on the simulated pickle stack
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
-_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
-_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_MAX_OPS = 2_000_000  # a state dict's pickle has a few ops per tensor; beyond this is not a checkpoint
-
-
-def _py3_name(module: str, attr: str = "?") -> str:
-    """The name Python 3 imports for a protocol 0-2 GLOBAL (pickle maps `commands.Popen` to `subprocess.Popen`)."""
-    if (module, attr) in _compat_pickle.NAME_MAPPING:
-        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
-    else:
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    return f"{module}.{attr}"
-
-
-def _stack_globals(stream: io.BytesIO, found: list[str]) -> bool:
-    """Globals of one pickle, tracking the stack and memo so that names fetched back from the memo
-    (BINGET ... STACK_GLOBAL) are reported correctly. Returns True if the pickle ended with STOP."""
-    stack: list = []
-    memo: dict = {}
-    for n, (op, arg, _pos) in enumerate(pickletools.genops(stream)):
-        name = op.name
-        if n > _MAX_OPS:
-            found.append("<pickle too long to audit>")
-            return False
-        if name in _STRING_OPS:
-            stack.append(arg if isinstance(arg, str) else arg.decode("latin-1") if isinstance(arg, bytes) else None)
-        elif name in _GET_OPS:
-            stack.append(memo.get(arg))
-        elif name in _PUT_OPS:
-            memo[arg] = stack[-1] if stack else None
-        elif name == "MEMOIZE":
-            memo[len(memo)] = stack[-1] if stack else None
-        elif name in ("GLOBAL", "INST"):
-            found.append(_py3_name(*str(arg).split(" ", 1)))
-            stack.append(None)
-        elif name == "STACK_GLOBAL":
-            top = [stack.pop() if stack else None for _ in range(2)]
-            module, attr = top[1], top[0]
-            found.append(f"{module if isinstance(module, str) else '?'}.{attr if isinstance(attr, str) else '?'}")
-            stack.append(None)
-        elif name == "STOP":
-            return True
-        else:
-            before = op.stack_before
-            if pickletools.markobject in before:
-                while stack and stack.pop() is not _MARK:
-                    pass
-            else:
-                del stack[len(stack) - min(len(before), len(stack)):]
-            stack.extend(_MARK if item is pickletools.markobject else None for item in op.stack_after)
-    return False
-
-
-def _pickle_globals(data: bytes) -> list[str]:
-    """Every GLOBAL/STACK_GLOBAL a pickle stream would import, without executing it.
-
-    Reads consecutive pickles (torch's legacy format stores several back to back, then raw tensor bytes);
-    a following pickle must start with a PROTO opcode, so tensor bytes are never parsed as opcodes.
-    """
-    found: list[str] = []
-    stream = io.BytesIO(data)
-    while stream.tell() < len(data):
-        if stream.tell() > 0 and data[stream.tell()] != 0x80:
-            break
-        try:
-            if not _stack_globals(stream, found):
-                break
-        except Exception:  # noqa: BLE001 - a malformed stream simply ends the scan; the loader will refuse it
-            break
-    return found
-
-
-def scan_unsafe_globals(path: str | Path) -> list[str]:
-    """Imports in a pickle-based checkpoint that a weights-only load would block (data, for the audit)."""
-    path = Path(path)
-    streams: list[bytes] = []
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if info.filename.endswith(".pkl") and info.file_size < 256 << 20:
-                        streams.append(zf.read(info))
-        elif tarfile.is_tarfile(path):
-            with tarfile.open(path) as tf:
-                for member in tf.getmembers():
-                    if member.isfile() and member.name in ("pickle", "tensors", "storages", "sys_info"):
-                        fh = tf.extractfile(member)
-                        if fh is not None:
-                            streams.append(fh.read(64 << 20))
-        else:
-            streams.append(path.read_bytes()[: 64 << 20])
-    except Exception:  # noqa: BLE001 - hostile bytes break zipfile/tarfile in many ways (bad names, lying sizes)
-        return []
-    unsafe: list[str] = []
-    for stream in streams:
-        for name in _pickle_globals(stream):
-            if not _SAFE_GLOBAL.match(name) and name not in unsafe:
-                unsafe.append(name)
-    return unsafe
 
 
 # safetensors' own cap on the JSON header; checked here first so a lying length gets a clear message.
@@ -195,6 +81,27 @@ def _torchscript_member(path: Path) -> str | None:
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
     return None
+
+
+MAX_INFLATION = 4  # a torch zip stores its members uncompressed: declared sizes near the file's own
+MAX_ZIP_MEMBERS = 200_000
+
+
+def _check_zip(path: Path, size: int) -> None:
+    """Refuse a zip whose members would inflate far past the file's size (torch inflates compressed members
+    when it loads them: a 1 MB file could claim gigabytes) or that holds an absurd number of members."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt zip checkpoint {path.name}: {type(e).__name__}") from e
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise CheckpointError(f"zip checkpoint {path.name} has {len(infos)} members (cap {MAX_ZIP_MEMBERS})")
+    declared = sum(i.file_size for i in infos)
+    if declared > MAX_INFLATION * size + (1 << 20):
+        biggest = max(infos, key=lambda i: i.file_size)
+        raise CheckpointError(f"zip checkpoint {path.name} declares {declared} bytes inflated from {size} "
+                              f"(member {biggest.filename[:80]!r}: {biggest.file_size}); refused before inflating")
 
 
 def _names(blocked: list[str]) -> str:
@@ -278,6 +185,8 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[s
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"corrupt safetensors file {path.name}: {e}") from e
+    if kind == "zip":
+        _check_zip(path, size)
     if kind == "zip" and (member := _torchscript_member(path)):
         raise CheckpointError(
             f"TorchScript archive {path.name} ({member}): decree never runs TorchScript. Save its weights with "
