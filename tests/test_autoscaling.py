@@ -151,10 +151,16 @@ def _encoders(folder: Path, n: int) -> Path:
     return folder
 
 
-def _wait_for_zero_workers(head: AutoscalingHead, seconds: float = 90) -> float:
+def _wait_for_zero_workers(head: AutoscalingHead, seconds: float = 240) -> float:
+    """Idle nodes leave after the 6-s idle timeout; a node killed from outside is only declared dead once the
+    GCS misses its heartbeats (tens of seconds), hence the generous bound."""
     t0 = time.monotonic()
-    while head.worker_nodes():
-        assert time.monotonic() - t0 < seconds, f"still {len(head.worker_nodes())} worker nodes"
+    while nodes := head.worker_nodes():
+        from ray.util.state import list_actors
+
+        held = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ScanWorker" in a.class_name]
+        assert not held, f"scan actors still alive after the scan: {held}"
+        assert time.monotonic() - t0 < seconds, f"still {len(nodes)} worker nodes: {[n['NodeID'][-5:] for n in nodes]}"
         time.sleep(1)
     return time.monotonic() - t0
 
