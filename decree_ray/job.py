@@ -27,8 +27,9 @@ from . import storage
 from .config import JobConfig, JobError, JobSummary, precheck
 from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
-from .sources import EncoderTask, SourceStats, apply_sidecar, is_manifest, iter_tasks
+from .sources import EncoderTask, SourceStats, is_manifest, iter_tasks
 from .pool import ActorShape, autoscaler_can_grow, offer, plan_actors
+from .resume import ResumeState
 from .worker import ScanSettings, ScanWorker, error_row, write_evidence
 
 
@@ -104,14 +105,8 @@ class _Job:
         )
         finished = results_mod.load_rows(config.out, config.s3)
         self.settings_key = self._settings_key()
-        self.known = results_mod.ok_rows_by_content(finished)
-        # ok rows of earlier runs with other settings (profile, overrides, steps, threshold, shadow set): rescanned
-        self.summary.other_settings = sum(
-            1 for r in finished if r["status"] == "ok"
-            and results_mod.key_settings(r.get("content_key")) not in (None, self.settings_key))
-        self.legacy = results_mod.legacy_ok_rows(finished)  # tables from before the content_key column
-        # ok rows of this run's settings by uri, for entries the listing says are unchanged (no download)
-        self.unchanged = results_mod.ok_rows_by_uri(finished, self.settings_key)
+        self.resume = ResumeState(finished, self.settings_key, config.profile, config.s3)
+        self.summary.other_settings = self.resume.other_settings  # rescanned, never reused
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
@@ -218,26 +213,11 @@ class _Job:
                     task = dataclasses.replace(task, identity=storage.identity_of(task.uri, self.cfg.s3))
                 except Exception:  # noqa: BLE001 - gone or unreadable: the fetch says why, in the row
                     pass
-            if (row := self._unchanged_row(task)) is not None:
+            if (row := self.resume.unchanged_row(task)) is not None:
                 self.summary.reused_unchanged += 1
                 self._emit(row)
                 continue
             return _Work(task)
-
-    def _unchanged_row(self, task: EncoderTask) -> dict[str, Any] | None:
-        """The finished row of an entry whose listing identity is unchanged, if its key still matches: the
-        sidecar (a few hundred bytes) is read again, the checkpoint is not downloaded."""
-        prev = self.unchanged.get(task.uri)
-        if prev is None or not task.identity or prev.get("source_identity") != task.identity:
-            return None
-        try:
-            current = apply_sidecar(task, self.cfg.s3) if task.sidecar else task
-        except Exception:  # noqa: BLE001 - a sidecar that no longer parses: fetch and let the worker say why
-            return None
-        key = results_mod.task_content_key(prev["sha256"], current, self.cfg.profile, self.settings_key)
-        if key != prev.get("content_key"):
-            return None
-        return {**prev, "id": current.id, "label": current.label or prev.get("label")}
 
     # -- rows ---------------------------------------------------------------------------------------
     def _emit(self, row: dict[str, Any]) -> None:
@@ -411,8 +391,8 @@ class _Job:
             return
         task = work.task = result["task"]
         work.size, work.sha = result["size_bytes"], result["sha256"]
-        key = results_mod.task_content_key(work.sha, task, self.cfg.profile, self.settings_key)
-        done = self.known.get(key) or self.legacy.get((task.uri, work.sha, task.arch, self.cfg.profile))
+        key = self.resume.key(work.sha, task)
+        done = self.resume.done_row(key, task, work.sha)
         if done is not None:
             slot.actor.drop.remote(task.uri)
             self._emit({**self._copy(done, task, work.size, work.sha), "content_key": key,
@@ -433,8 +413,7 @@ class _Job:
         self._emit(row)
         if work.key is not None:
             self.state.in_flight.discard(work.key)
-            if row["status"] == "ok":
-                self.known[work.key] = row
+            self.resume.record(work.key, row)
             self._release(work.key, row)
 
     def _fail(self, work: _Work, message: str) -> None:

@@ -231,7 +231,7 @@ def test_cli_passes_the_options_and_builds_only_the_default_zoo(tmp_path, monkey
 
     import decree.benchmark
     import decree.zoo
-    from decree_ray import cli_bench
+    from decree_ray.cli import bench as cli_bench
 
     built, ran = [], []
 

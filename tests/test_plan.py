@@ -1,4 +1,4 @@
-"""`decree plan`: the listing it prices and the GPU-hour arithmetic (decree_ray/cli_plan.py)."""
+"""`decree plan`: the listing it prices and the GPU-hour arithmetic (decree_ray/cli/plan.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from decree_ray import cli_plan
-from decree_ray.cli_plan import EncoderRecord, Timings, iter_records, load_timings, make_plan
+from decree_ray.cli import plan as cli_plan
+from decree_ray.cli.plan import EncoderRecord, Timings, iter_records, load_timings, make_plan
 
 MiB = 1 << 20
 
@@ -214,7 +214,7 @@ def test_plan_command_exits_2_with_a_message_for_a_missing_source(tmp_path: Path
 
 
 def test_decree_cli_mounts_plan():
-    cli = pytest.importorskip("decree_ray.cli", reason="decree_ray/cli.py (scale layer) not written yet")
+    cli = pytest.importorskip("decree_ray.cli", reason="decree_ray/cli (scale layer) not written yet")
     result = CliRunner().invoke(cli.app, ["plan", "--help"])
     assert result.exit_code == 0, result.output
     assert "--seconds-per-encoder" in result.output

@@ -144,7 +144,7 @@ def test_cli_build_passes_options_to_build_zoo_and_prints_the_table(monkeypatch,
     from typer.testing import CliRunner
 
     import decree.zoo
-    from decree_ray.cli_zoo import zoo_app
+    from decree_ray.cli.zoo import zoo_app
 
     calls = []
 
@@ -169,7 +169,7 @@ def test_cli_rejects_an_unknown_family_with_exit_code_2(monkeypatch):
     from typer.testing import CliRunner
 
     import decree.zoo
-    from decree_ray.cli_zoo import zoo_app
+    from decree_ray.cli.zoo import zoo_app
 
     monkeypatch.setattr(decree.zoo, "build_zoo", lambda *a, **k: pytest.fail("must not build"))
     result = CliRunner().invoke(zoo_app, ["build", "x", "--family", "audio"])

@@ -18,9 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DEFAULT_CUTOFF
+from ..config import DEFAULT_CUTOFF
 
-from .cli_options import (  # noqa: F401 - EXIT_* and parse_size are part of this module's interface
+from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this module's interface
     EXIT_CLEAN,
     EXIT_ERROR,
     EXIT_FOUND,
@@ -93,8 +93,8 @@ def scan(
     quiet: Quiet = False,
 ) -> None:
     """Scan every encoder of SOURCE into OUT/results.parquet (resumable: finished encoders are not rescanned)."""
-    from . import job
-    from .progress import NullReporter, RichReporter
+    from .. import job
+    from ..progress import NullReporter, RichReporter
 
     config = _config(
         source=source,
@@ -323,7 +323,7 @@ def report(
     Exits 1 if any encoder is flagged at the threshold, 0 if none, 2 if the table cannot be read."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from . import report as report_mod
+    from .. import report as report_mod
 
     try:
         rows = report_mod.load_rows(results, endpoint_url)
@@ -336,8 +336,8 @@ def report(
     report_mod.plot(rep, rows, plot)
     _print_report(rep, plot)
     if html_out is not None:
-        from . import html_report
-        from .storage import S3Options
+        from .. import html_report
+        from ..storage import S3Options
 
         judged, _, _ = report_mod.rejudge(rows, threshold, reference or (), fleet_cutoff)
         html_report.write(html_out, judged, rep, options=S3Options(endpoint_url), cards=cards,
@@ -397,16 +397,16 @@ def _print_report(rep, plot: Path) -> None:
 def _text(value):
     from rich.text import Text
 
-    from .schema import safe_text
+    from ..schema import safe_text
 
     return Text(safe_text(str(value)))
 
 
 def _mount_subcommands() -> None:
     """Commands whose code lives in their own modules (zoo building, benchmark, sizing)."""
-    from .cli_bench import bench_command
-    from .cli_plan import plan_command
-    from .cli_zoo import zoo_app
+    from .bench import bench_command
+    from .plan import plan_command
+    from .zoo import zoo_app
 
     app.add_typer(zoo_app, name="zoo", help="Build a zoo of clean and trojaned encoders.")
     app.command("bench")(bench_command)
@@ -431,12 +431,8 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the last line of defence of the exit-code contract
         from rich.markup import escape
 
-        from .redact import redact
+        from ..redact import redact
 
         text = redact(f"{type(e).__name__}: {e}").replace("\n", " ")[:500]
         err_console.print(f"[red]error:[/] unexpected failure: {escape(text)}")
         sys.exit(EXIT_ERROR)
-
-
-if __name__ == "__main__":  # `python -m decree_ray.cli` (the demo runs it this way)
-    main()

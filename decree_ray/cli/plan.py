@@ -193,9 +193,9 @@ def iter_records(source: str, *, arch: str | None = None, endpoint_url: str | No
     """The encoders `decree scan` would see, as records. Sizes/arches not in the listing are filled cheaply:
     local files are stat'ed and their `<checkpoint>.json` sidecar read; S3 manifests get sizes from one
     listing of the manifest's folder. S3 sidecars are not fetched (one GET per encoder): pass --arch."""
-    from . import storage
-    from .sources import is_manifest, iter_tasks
-    from .storage import S3Options
+    from .. import storage
+    from ..sources import is_manifest, iter_tasks
+    from ..storage import S3Options
 
     options = S3Options(endpoint_url=endpoint_url)
     s3_sizes: dict[str, int] | None = None

@@ -132,7 +132,7 @@ def _tuples(value):
 
 
 def _config(**kwargs):
-    from .config import JobConfig
+    from ..config import JobConfig
 
     try:
         return JobConfig(**kwargs)

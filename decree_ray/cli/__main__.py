@@ -1,0 +1,5 @@
+"""`python -m decree_ray.cli ...` is `decree ...`."""
+
+from .commands import main
+
+main()
