@@ -68,6 +68,7 @@ reliability: install
 
 bench-scale: install
 	$(BIN)/python -m decree_ray.bench_scale --out bench --n 1000 --keys 100000
+	$(BIN)/python -m decree_ray.bench_driver --out bench --n 10000 100000
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -81,9 +81,22 @@ def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig
     for members in groups.values():
         anchored = [i for i in members if rows[i].get("id") in refs or rows[i].get("uri") in refs]
         basis = anchored if len(anchored) >= config.min_references else members
+        stats = _group_stats(rows, basis, config) if len(members) >= config.min_peers else {}
         for i in members:
-            out[i].update(_judge(rows, i, basis, len(members), config))
+            out[i].update(_judge(rows[i], stats, len(members), config))
     return out
+
+
+def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig) -> dict[str, tuple[float, float]]:
+    """Per score column, the group's (median, spread), computed once per group: linear in the fleet."""
+    stats = {}
+    for column in SCORES:
+        population = [v for j in basis if (v := log_score(rows[j], column)) is not None]
+        if len(population) >= config.min_references:
+            med = _median(population)
+            mad = _median([abs(v - med) for v in population]) * _MAD_TO_SIGMA
+            stats[column] = (med, max(mad, config.min_spread))
+    return stats
 
 
 def below_threshold(row: dict) -> bool:
@@ -93,19 +106,17 @@ def below_threshold(row: dict) -> bool:
     return patch == "trojaned" or row.get("blend_verdict") == "trojaned"
 
 
-def _judge(rows: list[dict], i: int, basis: list[int], peers: int, config: FleetConfig) -> dict:
-    row = rows[i]
+def _judge(row: dict, stats: dict[str, tuple[float, float]], peers: int, config: FleetConfig) -> dict:
     absolute = below_threshold(row)
     if peers < config.min_peers:
         return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold",
                 "verdict": "trojaned" if absolute else "clean"}
     best = None
-    for column in SCORES:
+    for column, (med, spread) in stats.items():
         mine = log_score(row, column)
-        population = [v for j in basis if (v := log_score(rows[j], column)) is not None]
-        if mine is None or len(population) < config.min_references:
+        if mine is None:
             continue
-        index = robust_index(mine, population, config.min_spread)
+        index = (med - mine) / spread  # robust_index against the group, with its statistics computed once
         best = index if best is None else max(best, index)
     flagged = absolute or (best is not None and best > config.cutoff)
     return {"anomaly_index": best, "fleet_peers": peers, "verdict_basis": "fleet",

@@ -28,3 +28,14 @@ def test_scale_benchmark_scans_every_encoder_in_each_mode_and_lists_every_key(tm
     md = (out / "SCALE.md").read_text()
     assert "Ray job, 1 actor, prefetch 1" in md and "Listing 25 keys" in md
     assert "Re-running a finished 3-encoder scan" in md
+
+
+def test_driver_benchmark_runs_the_real_driver_over_every_encoder(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "decree_ray.bench_driver", "--out", str(out), "--n", "40", "80"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "driver.json").read_text())
+    assert [(r["encoders"], r["ok"], r["total"]) for r in results] == [(40, 40, 40), (80, 80, 80)]
+    assert all(r["peak_rss_mib"] > 0 and r["encoders_per_second"] > 0 for r in results)
+    assert "A million-encoder scan would need" in (out / "DRIVER.md").read_text()
