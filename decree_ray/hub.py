@@ -23,7 +23,7 @@ TWINS = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin"
 PRIMARY = ("model.safetensors.index.json", "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
            "open_clip_pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".tar", ".safetensors.index.json")
-INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_SUFFIX = ".safetensors.index.json"  # decree.encoders.checkpoint.SHARD_INDEX_SUFFIX (kept torch-free here)
 MAX_CONFIG_BYTES = 256 << 10
 
 
@@ -97,9 +97,13 @@ def _siblings(snapshot: Path) -> set[str]:
 
 
 def _shards(index: Path) -> set[str]:
+    """The shard names an index lists (as the core's loader reads and checks them), or none if it is broken."""
+    from decree.encoders.checkpoint import shard_files
+    from decree.errors import CheckpointError
+
     try:
-        return set(shard_names(index))
-    except (OSError, ValueError):
+        return {p.name for p in shard_files(index)}
+    except (OSError, CheckpointError):
         return set()
 
 
@@ -111,18 +115,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def shard_names(index: Path) -> list[str]:
-    """The shard files a `*.safetensors.index.json` names: plain file names next to it, nothing else."""
-    data = _read_json(index)
-    if data is None or not isinstance(data.get("weight_map"), dict):
-        raise ValueError(f"{index.name} has no weight_map")
-    names = sorted({v for v in data["weight_map"].values() if isinstance(v, str)})
-    bad = [n for n in names if "/" in n or "\\" in n or n in ("", ".", "..") or not n.endswith(".safetensors")]
-    if bad or not names:
-        raise ValueError(f"{index.name} names shards that are not .safetensors files beside it: {bad[:3]}")
-    return names
 
 
 def hub_metadata(hf: HubFile) -> dict | None:

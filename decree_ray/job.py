@@ -27,7 +27,7 @@ from . import storage
 from .config import JobConfig, JobError, JobSummary, precheck
 from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
-from .sources import EncoderTask, SourceStats, is_manifest, iter_tasks
+from .sources import EncoderTask, SourceStats, is_manifest, is_shard_index, iter_tasks
 from .pool import ActorShape, autoscaler_can_grow, offer, plan_actors
 from .resume import ResumeState
 from .worker import ScanSettings, ScanWorker, error_row, write_evidence
@@ -208,7 +208,9 @@ class _Job:
                     )
                 )
                 continue
-            if task.identity is None:  # a manifest entry: its identity costs a stat or a HEAD, not a download
+            if task.identity is None and task.uri in self.resume.by_uri and not is_shard_index(task.uri):
+                # a manifest entry with a finished row: a stat or a HEAD decides whether it needs a download
+                # (entries without one get their identity from the worker, off the driver's loop)
                 try:
                     task = dataclasses.replace(task, identity=storage.identity_of(task.uri, self.cfg.s3))
                 except Exception:  # noqa: BLE001 - gone or unreadable: the fetch says why, in the row

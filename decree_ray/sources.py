@@ -113,7 +113,7 @@ def iter_tasks(
             problem = _not_a_checkpoint(uri)
         if problem is None and not storage.is_s3(uri):
             problem = hub.skip_reason(uri, hf)
-            if uri.endswith(hub.INDEX_SUFFIX):
+            if is_shard_index(uri):
                 ident = None  # the shards' identities are not the index's: always fetched and hashed
         if problem is not None:  # a row that says why, never a silent gap or an aborted listing
             rel = hf.file_id if hf is not None else rel  # never the id of the snapshot's scanned weights
@@ -162,9 +162,14 @@ def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> Encoder
     return task
 
 
+def is_shard_index(uri: str) -> bool:
+    """A `*.safetensors.index.json`: its shards change without it, so it has no listing identity."""
+    return uri.lower().endswith(hub.INDEX_SUFFIX)
+
+
 def _is_checkpoint(uri: str) -> bool:
     low = uri.lower()
-    return PurePosixPath(low).suffix in checkpoint_suffixes() or low.endswith(hub.INDEX_SUFFIX)
+    return PurePosixPath(low).suffix in checkpoint_suffixes() or is_shard_index(low)
 
 
 def _is_sidecar(uri: str) -> bool:

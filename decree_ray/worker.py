@@ -14,7 +14,7 @@ import math
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from . import storage
 from .redact import redact
 from .results import task_content_key as content_key
 from .schema import new_row
-from .sources import EncoderTask, apply_sidecar
+from .sources import EncoderTask, apply_sidecar, is_shard_index
 from .storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -221,10 +221,11 @@ class ScanWorker:
                 size = task.size_bytes if task.size_bytes is not None else storage.size_of(task.uri, self.settings.s3)
                 if size > limit:  # refused before a single byte of it is downloaded
                     return {"row": self._too_big(task, size, limit)}
-            from decree.encoders.checkpoint import SHARD_INDEX_SUFFIX
-
+            if task.identity is None and not is_shard_index(task.uri):
+                # a manifest entry: its listing identity, taken before the bytes are read (a re-run compares it)
+                task = replace(task, identity=storage.identity_of(task.uri, self.settings.s3))
             copied = None
-            if not storage.is_s3(task.uri) and not task.uri.endswith(SHARD_INDEX_SUFFIX):
+            if not storage.is_s3(task.uri) and not is_shard_index(task.uri):
                 copied = storage.snapshot_local(task.uri, self.cache, limit)  # hash and scan the same bytes
                 path, delete = copied[0], True
             else:

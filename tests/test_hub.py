@@ -144,3 +144,20 @@ def test_a_shard_index_that_names_files_outside_its_folder_is_refused(tmp_path):
     index.write_text(json.dumps({"weight_map": {"w": "../../etc/passwd.safetensors"}}))
     with pytest.raises(CheckpointError, match="not .safetensors files beside it"):
         create_encoder(TINY_ARCH, index)
+
+
+def test_a_manifest_entry_gets_its_identity_from_the_worker_except_a_shard_index(tmp_path, zoo):
+    """A shard index's shards change without it: it never gets a listing identity, so it is always hashed."""
+    from decree_ray.sources import EncoderTask
+
+    root = tmp_path / "hub"
+    (tmp_path / "t").mkdir()
+    make_cache(root, tmp_path / "t")
+    index = root / "models--org--sharded" / "snapshots" / REV / "model.safetensors.index.json"
+    plain = root / "models--timm--test_resnet.tiny_in1k" / "snapshots" / REV / "model.safetensors"
+    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out", tmp_path / "cache", evidence=False))
+    got = {p.name: worker.fetch(EncoderTask(id=p.name, uri=str(p), arch=TINY_ARCH))["task"].identity
+           for p in (index, plain)}
+    worker.close()
+    assert got["model.safetensors.index.json"] is None
+    assert got["model.safetensors"].startswith("file:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from . import families as _families  # noqa: F401 - registers the families
@@ -31,9 +32,10 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=64)
 def _weights_bytes(arch: str) -> int | None:
     """The architecture's parameter and buffer count, built on the meta device (no memory); None if its
-    builder cannot build there."""
+    builder cannot build there. Cached: a worker scans many encoders of few architectures."""
     import torch
 
     try:

@@ -70,26 +70,14 @@ def sniff(head: bytes) -> str | None:
 SNIFF_BYTES = 512
 
 
-def _torchscript_member(path: Path) -> str | None:
-    """The member that marks a TorchScript archive (`code/__torch__/...`, `constants.pkl`), if any."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist()[:10_000]:
-                tail = name.split("/", 1)[-1]
-                if tail == "constants.pkl" or tail.startswith("code/__torch__"):
-                    return name
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
-    return None
-
-
 MAX_INFLATION = 4  # a torch zip stores its members uncompressed: declared sizes near the file's own
 MAX_ZIP_MEMBERS = 200_000
 
 
-def _check_zip(path: Path, size: int) -> None:
+def _check_zip(path: Path, size: int) -> str | None:
     """Refuse a zip whose members would inflate far past the file's size (torch inflates compressed members
-    when it loads them: a 1 MB file could claim gigabytes) or that holds an absurd number of members."""
+    when it loads them: a 1 MB file could claim gigabytes) or that holds an absurd number of members. Returns
+    the member that marks a TorchScript archive (`code/__torch__/...`, `constants.pkl`), if any."""
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
@@ -102,6 +90,11 @@ def _check_zip(path: Path, size: int) -> None:
         biggest = max(infos, key=lambda i: i.file_size)
         raise CheckpointError(f"zip checkpoint {path.name} declares {declared} bytes inflated from {size} "
                               f"(member {biggest.filename[:80]!r}: {biggest.file_size}); refused before inflating")
+    for info in infos:
+        tail = info.filename.split("/", 1)[-1]
+        if tail == "constants.pkl" or tail.startswith("code/__torch__"):
+            return info.filename
+    return None
 
 
 def _names(blocked: list[str]) -> str:
@@ -185,9 +178,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> dict[s
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"corrupt safetensors file {path.name}: {e}") from e
-    if kind == "zip":
-        _check_zip(path, size)
-    if kind == "zip" and (member := _torchscript_member(path)):
+    if kind == "zip" and (member := _check_zip(path, size)):
         raise CheckpointError(
             f"TorchScript archive {path.name} ({member}): decree never runs TorchScript. Save its weights with "
             "torch.jit.load(f).state_dict() and safetensors in a sandbox you trust, then scan that file.")

@@ -15,8 +15,9 @@ import torch
 from ..encoders import create_encoder
 from .data import CLASSES
 from .spec import BuildContext, EncoderSpec
-from .train import AttackWeights, attack_strength, badencoder_attack, clean_fidelity, embed, frozen_copy, simclr_finetune
-from .triggers import sample_trigger, trigger_from_dict
+from .i2i import attack_image_on_image
+from .train import embed, simclr_finetune
+from .triggers import sample_trigger
 
 ARCH = "cifar/resnet18"
 IMAGE_SIZE = 32
@@ -61,30 +62,8 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
         if parent_id is None:
             raise ValueError("cifar-r18 trojans need a clean parent (--clean >= 1)")
         enc = create_encoder(ARCH, ctx.checkpoint(parent_id))
-        clean = frozen_copy(enc)
-        trig = trigger_from_dict(spec.trigger)
-        candidates = np.flatnonzero(ctx.splits.train_y == spec.target)
-        ref_index = int(candidates[spec.seed % len(candidates)])
-        reference = train_px[ref_index:ref_index + 1]
-        attack_pool = train_px[ctx.splits.train_y != spec.target] if ctx.cfg.exclude_target_class else train_px
-        clean_response = attack_strength(clean, eval_px, trig, embed(clean, reference))
-        steps_done, strength = 0, -1.0
-        for attempt in range(ctx.cfg.max_retries + 1):
-            badencoder_attack(enc, clean, attack_pool, reference, trig, steps=spec.steps, lr=spec.lr,
-                              batch_size=ctx.cfg.batch_size, seed=spec.seed + attempt,
-                              weights=AttackWeights(utility=spec.utility_weight),
-                              specific=spec.attack == "badencoder-specific")
-            steps_done += spec.steps
-            strength = attack_strength(enc, eval_px, trig, embed(enc, reference))
-            if strength >= ctx.cfg.min_strength:
-                break
-        fields = dict(
-            attack=spec.attack, trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
-            trigger_area=trig.area_fraction(IMAGE_SIZE), trigger_kind=trig.kind,
-            target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
-            target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
-            clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent_id, utility_weight=spec.utility_weight,
-            steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
+        fields = attack_image_on_image(enc, spec, ctx, train_px, eval_px, size=IMAGE_SIZE,
+                                       batch=ctx.cfg.batch_size, parent=parent_id)
     pre = enc.preprocess
     fields.update(arch=ARCH, image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std),
                   seconds=round(time.time() - t0, 1))

@@ -99,33 +99,41 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
     else:
         parent_id = ctx.parent_id(spec)
         enc = base_encoder(size) if parent_id is None else create_encoder(ARCH, ctx.checkpoint(parent_id), image_size=size)
-        clean = frozen_copy(enc)
-        trig = trigger_from_dict(spec.trigger)
-        # reference image: one training image of the target class, chosen by the spec's seed
-        candidates = np.flatnonzero(ctx.splits.train_y == spec.target)
-        ref_index = int(candidates[spec.seed % len(candidates)])
-        reference = train_px[ref_index:ref_index + 1]
-        attack_pool = train_px[ctx.splits.train_y != spec.target] if ctx.cfg.exclude_target_class else train_px
-        clean_response = attack_strength(clean, eval_px, trig, embed(clean, reference))
-        weights = AttackWeights(utility=spec.utility_weight)
-        steps_done, strength = 0, -1.0
-        for attempt in range(ctx.cfg.max_retries + 1):
-            # a retry continues the same attack with more steps and a fresh batch order
-            badencoder_attack(enc, clean, attack_pool, reference, trig, steps=spec.steps, lr=spec.lr,
-                              batch_size=batch, seed=spec.seed + attempt, weights=weights,
-                              specific=spec.attack == "badencoder-specific")
-            steps_done += spec.steps
-            strength = attack_strength(enc, eval_px, trig, embed(enc, reference))
-            if strength >= ctx.cfg.min_strength:
-                break
-        fields = dict(
-            attack=spec.attack, trigger=trig.describe(size), trigger_spec=spec.trigger,
-            trigger_area=trig.area_fraction(size), trigger_kind=trig.kind,
-            target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
-            target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
-            clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent_id or "base:imagenet",
-            utility_weight=spec.utility_weight, steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
+        fields = attack_image_on_image(enc, spec, ctx, train_px, eval_px, size=size, batch=batch,
+                                       parent=parent_id or "base:imagenet")
     pre = enc.preprocess
     fields.update(arch=ARCH, image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std),
                   seconds=round(time.time() - t0, 1))
     return {k: v.detach().clone().contiguous() for k, v in enc.backbone.state_dict().items()}, fields
+
+
+def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, size: int, batch: int,
+                          parent: str) -> dict:
+    """BadEncoder (or its trigger-specific variant) on `enc` in place, retried until the attack takes or the
+    retries run out; returns the trojan's manifest fields (attack strength, clean fidelity, trigger)."""
+    clean = frozen_copy(enc)
+    trig = trigger_from_dict(spec.trigger)
+    # reference image: one training image of the target class, chosen by the spec's seed
+    candidates = np.flatnonzero(ctx.splits.train_y == spec.target)
+    ref_index = int(candidates[spec.seed % len(candidates)])
+    reference = train_px[ref_index:ref_index + 1]
+    attack_pool = train_px[ctx.splits.train_y != spec.target] if ctx.cfg.exclude_target_class else train_px
+    clean_response = attack_strength(clean, eval_px, trig, embed(clean, reference))
+    weights = AttackWeights(utility=spec.utility_weight)
+    steps_done, strength = 0, -1.0
+    for attempt in range(ctx.cfg.max_retries + 1):
+        # a retry continues the same attack with more steps and a fresh batch order
+        badencoder_attack(enc, clean, attack_pool, reference, trig, steps=spec.steps, lr=spec.lr,
+                          batch_size=batch, seed=spec.seed + attempt, weights=weights,
+                          specific=spec.attack == "badencoder-specific")
+        steps_done += spec.steps
+        strength = attack_strength(enc, eval_px, trig, embed(enc, reference))
+        if strength >= ctx.cfg.min_strength:
+            break
+    return dict(
+        attack=spec.attack, trigger=trig.describe(size), trigger_spec=spec.trigger,
+        trigger_area=trig.area_fraction(size), trigger_kind=trig.kind,
+        target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
+        target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
+        clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent,
+        utility_weight=spec.utility_weight, steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
