@@ -12,6 +12,8 @@ from .storage import S3Options
 
 # decree.fleet.DEFAULT_CUTOFF, spelled out so the CLI starts without importing torch (a test keeps them equal)
 DEFAULT_CUTOFF = 3.0
+LOAD_TIMEOUT = 120.0  # decree.encoders.contained.LOAD_TIMEOUT, likewise
+DEFAULT_MAX_CHECKPOINT_BYTES = 16 << 30
 
 
 class JobError(Exception):
@@ -43,7 +45,9 @@ class JobConfig:
     flush_seconds: float = 30.0
     evidence: bool = True
     shadow_limit: int | None = None
-    max_checkpoint_bytes: int | None = None  # bigger checkpoints are error rows, never downloaded
+    # bigger checkpoints are error rows, never downloaded (None: no limit); the largest image towers are ~4 GB
+    max_checkpoint_bytes: int | None = DEFAULT_MAX_CHECKPOINT_BYTES
+    load_timeout: float = LOAD_TIMEOUT  # reading one checkpoint (in a child process) past this is its error row
     retry_mode: str = "adaptive"
     max_attempts: int = 8
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -51,8 +55,8 @@ class JobConfig:
     fleet_cutoff: float = DEFAULT_CUTOFF  # anomaly index above which an encoder is an outlier among its peers
 
     def __post_init__(self):
-        if self.timeout <= 0 or self.startup_timeout <= 0:
-            raise ValueError("timeout and startup_timeout must be > 0 seconds")
+        if self.timeout <= 0 or self.startup_timeout <= 0 or not 0 < self.load_timeout < float("inf"):
+            raise ValueError("timeout, startup_timeout and load_timeout must be > 0 seconds")
         if self.prefetch < 0:
             raise ValueError("prefetch must be >= 0")
         if self.max_retries < 0:

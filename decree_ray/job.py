@@ -143,6 +143,7 @@ class _Job:
             threshold=self.cfg.threshold,
             shadow_limit=self.cfg.shadow_limit,
             max_checkpoint_bytes=self.cfg.max_checkpoint_bytes,
+            load_timeout=self.cfg.load_timeout,
             evidence=self.cfg.evidence,
             threads=max(1, int(cpus)),
             s3=self.cfg.s3,

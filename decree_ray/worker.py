@@ -42,6 +42,7 @@ class ScanSettings:
     cache_dir: str | None = None
     threads: int = 1
     max_checkpoint_bytes: int | None = None  # refuse bigger checkpoints before downloading them
+    load_timeout: float = 120.0  # reading one checkpoint, in the worker's loader process
     overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
     s3: S3Options = field(default_factory=S3Options)
     settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
@@ -161,6 +162,10 @@ class ScanWorker:
         self._config = None
         self._settings_key = settings.settings_key
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
+        from decree.encoders.contained import ContainedReader
+
+        # checkpoints are read in a child process: a load that hangs, bloats or crashes is killed and named
+        self._reader = ContainedReader(timeout=settings.load_timeout)
 
     def _pick_device(self) -> str:
         import torch
@@ -178,6 +183,7 @@ class ScanWorker:
 
     def ready(self) -> str:
         """Load the shared state eagerly so the first encoder's timeout does not pay for it."""
+        self._reader.start()  # imports torch in the child while the shadow set decodes here
         self._shadow_set()
         self._inversion_config()
         return self.device
@@ -288,8 +294,9 @@ class ScanWorker:
         try:
             from decree.scan import scan_encoder
 
+            limit = self.settings.max_checkpoint_bytes  # the file was checked, but the loader refuses too
             result = scan_encoder(
-                held.path,
+                self._reader.read(held.path, max_bytes=limit),
                 task.arch,
                 self._shadow_set(),
                 config=self._inversion_config(),
@@ -300,7 +307,6 @@ class ScanWorker:
                 device=self.device,
                 evidence_dir=evidence_dir,
                 encoder_id=held.sha256[:16],
-                max_bytes=self.settings.max_checkpoint_bytes,  # the file was checked, but the core refuses too
             )
             values = result.to_row()
         except UnsafeCheckpointError as e:
@@ -352,4 +358,5 @@ class ScanWorker:
 
     def close(self) -> None:
         self.drop()
+        self._reader.close()
         shutil.rmtree(self.cache, ignore_errors=True)

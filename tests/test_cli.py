@@ -138,6 +138,24 @@ def test_max_checkpoint_size_reaches_the_job_config_in_bytes(fake_job, given, ex
     assert calls[0].max_checkpoint_bytes == expected
 
 
+def test_max_checkpoint_size_defaults_to_16_gib_and_none_lifts_it(fake_job):
+    calls, _ = fake_job
+    assert runner.invoke(app, SCAN + ["--quiet"]).exit_code == 0
+    assert runner.invoke(app, SCAN + ["--quiet", "--max-checkpoint-size", "none"]).exit_code == 0
+    assert [c.max_checkpoint_bytes for c in calls] == [16 << 30, None]
+    assert calls[0].load_timeout == 120.0
+
+
+def test_submit_carries_an_unlimited_size_and_the_load_timeout_to_the_cluster(fake_job):
+    from decree_ray.cli.commands import scan_args
+
+    cfg = job.JobConfig(source="s3://b/enc/", shadow="s3://b/shadow.npz", out="s3://b/out/",
+                        max_checkpoint_bytes=None, load_timeout=30.0)
+    calls, _ = fake_job
+    assert runner.invoke(app, scan_args(cfg)[1:]).exit_code == 0
+    assert calls[0].max_checkpoint_bytes is None and calls[0].load_timeout == 30.0
+
+
 @pytest.mark.parametrize("given", ["lots", "5XB", "0", "-1"])
 def test_an_unreadable_or_zero_max_checkpoint_size_exits_2_before_any_job_runs(fake_job, given):
     calls, _ = fake_job

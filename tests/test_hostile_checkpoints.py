@@ -167,6 +167,7 @@ def test_worker_refuses_an_oversized_checkpoint_before_downloading_it(files, tmp
 def test_worker_turns_every_bad_file_into_one_error_row_and_scans_the_good_ones(files, tmp_path, record):
     out, cache = tmp_path / "out", tmp_path / "cache"
     worker = ScanWorker(harness.settings(files["root"] / "zoo" / "shadow.npz", out, cache))
+    worker.ready()  # starts the worker's own loader process; after this, no process may start
     with _NoSpawn() as spawned:
         rows = harness.scan_source(str(files["root"] / "zoo" / "manifest.jsonl"), worker)
     worker.close()

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import DEFAULT_CUTOFF
+from ..config import DEFAULT_CUTOFF, LOAD_TIMEOUT
 
 from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this module's interface
     EXIT_CLEAN,
@@ -44,6 +44,7 @@ from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this mo
     Steps,
     Threshold,
     Timeout,
+    LoadTimeout,
     StartupTimeout,
     Workers,
     _config,
@@ -82,6 +83,7 @@ def scan(
     steps: Steps = None,
     timeout: Timeout = 1800.0,
     startup_timeout: StartupTimeout = 1200.0,
+    load_timeout: LoadTimeout = LOAD_TIMEOUT,
     max_retries: Retries = 2,
     prefetch: Prefetch = 1,
     sets: Sets = None,
@@ -111,6 +113,7 @@ def scan(
         steps=steps,
         timeout=timeout,
         startup_timeout=startup_timeout,
+        load_timeout=load_timeout,
         max_retries=max_retries,
         prefetch=prefetch,
         overrides=parse_sets(sets, profile),
@@ -168,10 +171,11 @@ def scan_args(config) -> list[str]:
         "--steps": config.steps,
         "--timeout": config.timeout,
         "--startup-timeout": config.startup_timeout,
+        "--load-timeout": config.load_timeout,
         "--max-retries": config.max_retries,
         "--prefetch": config.prefetch,
         "--workers": config.num_workers,
-        "--max-checkpoint-size": config.max_checkpoint_bytes,
+        "--max-checkpoint-size": config.max_checkpoint_bytes if config.max_checkpoint_bytes is not None else "none",
     }
     for flag, value in flags.items():
         if value is not None:
@@ -211,6 +215,7 @@ def submit(
     steps: Steps = None,
     timeout: Timeout = 1800.0,
     startup_timeout: StartupTimeout = 1200.0,
+    load_timeout: LoadTimeout = LOAD_TIMEOUT,
     max_retries: Retries = 2,
     prefetch: Prefetch = 1,
     sets: Sets = None,
@@ -234,6 +239,7 @@ def submit(
         steps=steps,
         timeout=timeout,
         startup_timeout=startup_timeout,
+        load_timeout=load_timeout,
         max_retries=max_retries,
         prefetch=prefetch,
         overrides=parse_sets(sets, profile),

@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
+
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 err_console = Console(stderr=True)
 
@@ -41,6 +43,11 @@ StartupTimeout = Annotated[
     typer.Option("--startup-timeout",
                  help="Seconds to wait with no worker ready (an autoscaler adding GPU nodes) before giving up."),
 ]
+LoadTimeout = Annotated[
+    float,
+    typer.Option("--load-timeout", help="Seconds to read one checkpoint (in a child process) before it is killed "
+                 "and becomes an error row."),
+]
 Retries = Annotated[int, typer.Option("--max-retries", help="Retries of an encoder whose worker died.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Number of actors (default: fill the cluster).")]
 LocalCpus = Annotated[int, typer.Option("--local-cpus", help="CPUs of the embedded Ray (no --address).")]
@@ -49,7 +56,8 @@ MaxSize = Annotated[
     Optional[str],
     typer.Option(
         "--max-checkpoint-size",
-        help="Refuse bigger checkpoints before downloading them (error row). Bytes, or e.g. 500MB, 2GiB.",
+        help="Refuse bigger checkpoints before downloading them (error row). Bytes, or e.g. 500MB, 2GiB; "
+        "'none': no limit.  [default: 16GiB]",
     ),
 ]
 Sets = Annotated[
@@ -87,6 +95,8 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*((?:[kmgt]i?)?b?)\s*", re.IGNORECASE)
 def parse_size(text: str | None) -> int | None:
     """'1000' -> 1000, '500MB' -> 500*10**6, '2GiB' -> 2*2**30 (K/M/G/T; 'i' means powers of 1024)."""
     if text is None:
+        return DEFAULT_MAX_CHECKPOINT_BYTES
+    if text.strip().lower() in ("none", "unlimited"):
         return None
     m = _SIZE.fullmatch(text)
     if not m:

@@ -1,0 +1,147 @@
+"""Checkpoints whose cost cannot be bounded ahead are read in a child process that is killed past a bound.
+
+Each case is a real hostile file: a pickle of only allowed opcodes that would hash for 2^60 steps, a view that
+expands 4 bytes of storage to 40 GB, a load that outgrows its memory bound, a loader that dies. The row (or error)
+names the cause, and the next checkpoint reads normally in a fresh child.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from faults import harness
+from faults.zoo import TINY_ARCH, TINY_SIZE
+from safetensors.torch import save_file
+
+from decree.encoders import create_encoder
+from decree.encoders.contained import SPAWN_EXIT, ContainedReader, LoadLimitError
+from decree.errors import CheckpointError, UnsafeCheckpointError
+from decree_ray.worker import ScanWorker
+
+
+def memo_dag_bomb(levels: int = 60) -> bytes:
+    """t0 = (), t[i+1] = (t[i], t[i]) through the memo: 120 bytes of pickle, a dict key whose hash visits 2^60
+    tuples. Every opcode is one torch's weights-only unpickler allows."""
+    b = bytearray(b"\x80\x02}(")  # PROTO 2, EMPTY_DICT, MARK
+    b += b")q\x00"  # EMPTY_TUPLE, BINPUT 0
+    for i in range(levels):
+        b += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1])  # BINGET i ×2, TUPLE2, BINPUT i+1
+    if (levels + 1) % 2:
+        b += b"K\x01"
+    b += b"u."  # SETITEMS (hashes every key), STOP
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    r = ContainedReader(timeout=3)
+    r.start()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.safetensors"
+    torch.manual_seed(0)
+    sd = {k: v.contiguous() for k, v in create_encoder(TINY_ARCH, image_size=TINY_SIZE).backbone.state_dict().items()}
+    save_file(sd, path)
+    return path, sd
+
+
+def test_a_pickle_of_allowed_opcodes_that_would_hash_for_hours_is_killed_at_the_load_timeout(reader, good, tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(memo_dag_bomb())
+    t0 = time.monotonic()
+    with pytest.raises(LoadLimitError, match=r"checkpoint load exceeded 3 s reading bomb.pt"):
+        reader.read(bomb)
+    assert time.monotonic() - t0 < 15
+    out = reader.read(good[0])  # a fresh child reads the next checkpoint
+    assert set(out) == set(good[1]) and all(torch.equal(out[k], good[1][k]) for k in out)
+
+
+def test_a_view_that_expands_a_few_bytes_into_gigabytes_is_refused_before_it_is_copied(reader, tmp_path):
+    path = tmp_path / "stride0.pt"
+    torch.save({"conv_stem.weight": torch.zeros(1).expand(100_000, 100_000)}, path)  # 40 GB of float32 from 4 B
+    assert path.stat().st_size < 10_000
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="declare 40000000000 bytes, far more than its file holds"):
+        reader.read(path)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_load_that_outgrows_its_memory_bound_is_killed_and_named(tmp_path):
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.ones(64 << 20, dtype=torch.uint8) * 3}, path)  # 64 MiB of real tensor data
+    small = ContainedReader(timeout=30, min_memory=16 << 20, memory_factor=0)
+    try:
+        with pytest.raises(LoadLimitError, match=r"checkpoint load exceeded 0\.0 GB of memory reading big"):
+            small.read(path)
+    finally:
+        small.close()
+
+
+def test_a_loader_that_dies_mid_load_is_a_named_crash_and_the_next_read_works(good, tmp_path):
+    r = ContainedReader(timeout=30)
+    r.start()
+    bomb = tmp_path / "hang.pt"
+    bomb.write_bytes(memo_dag_bomb())
+    killer = threading.Timer(2.0, lambda: os.kill(r._proc.pid, signal.SIGSEGV))  # a native crash in the loader
+    killer.start()
+    try:
+        with pytest.raises(LoadLimitError, match=r"loader crashed reading hang.pt \(killed by SIGSEGV\)"):
+            r.read(bomb)
+        assert set(r.read(good[0])) == set(good[1])
+    finally:
+        killer.cancel()
+        r.close()
+
+
+def test_the_loader_process_stops_before_it_starts_any_process():
+    code = ("import os, sys; from decree.encoders.contained import _refuse_spawns; sys.addaudithook(_refuse_spawns); "
+            "os.system('echo ran > /dev/null'); print('not reached')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == SPAWN_EXIT and "not reached" not in done.stdout
+
+
+def test_errors_keep_their_type_across_the_process_boundary(reader, tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"w": Evil()}, protocol=2))
+    with pytest.raises(UnsafeCheckpointError) as err:
+        reader.read(path)
+    assert "posix.system" in err.value.blocked or "os.system" in err.value.blocked
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        reader.read(tmp_path / "empty.pt")
+
+
+def test_the_worker_turns_a_load_bomb_into_one_named_error_row_and_scans_the_rest(good, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a_bomb.pt").write_bytes(memo_dag_bomb())
+    (src / "b_good.safetensors").write_bytes(good[0].read_bytes())
+    shadow = tmp_path / "shadow.npz"
+    import numpy as np
+
+    np.savez(shadow, x=np.random.default_rng(0).integers(0, 256, (8, TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))
+    worker = ScanWorker(harness.settings(shadow, tmp_path / "out", tmp_path / "cache", steps=2, load_timeout=3))
+    worker.ready()
+    t0 = time.monotonic()
+    rows = harness.scan_source(str(src), worker, arch=TINY_ARCH)
+    worker.close()
+    assert [r["status"] for r in rows] == ["error", "ok"], rows
+    assert "checkpoint load exceeded 3 s" in rows[0]["error"] and rows[0]["sha256"]
+    assert time.monotonic() - t0 < 60
