@@ -4,6 +4,11 @@ Two trigger models are searched. The patch search (DECREE's mask) finds small tr
 whole-image triggers (blends, sinusoids, universal noise), whose mask would cover the whole image and so could
 never be judged by area. Each has its own score and verdict; the encoder's verdict is the more suspicious one.
 The blend search is skipped when the patch search already flagged the encoder (the verdict cannot change).
+
+Preprocessing that the audited party claims (a sidecar's input size, mean, std) can lie: a trojan trained at 32 px
+and scanned at a claimed 16 px may look clean. With `reference` (the auditor's preprocessing; None values are the
+architecture's defaults) the encoder is scanned at both when they differ, and the more suspicious verdict stands;
+`preprocess_decided` says which one decided.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .encoders import create_encoder
+from .encoders import Encoder, create_encoder, default_preprocess
 from .errors import InversionError
 from .evidence import save_evidence
 from .inversion import InversionConfig, InversionResult, invert
-from .scoring import score
+from .scoring import Score, score
 from .shadow import ShadowSet
 
 
@@ -41,6 +46,7 @@ class ScanResult:
     blend_threshold: float | None = None
     image_size: int | None = None
     shadow_sha256: str | None = None
+    preprocess_decided: str | None = None  # "claimed" | "reference" when both were scanned, else None
 
     def to_row(self) -> dict:
         r, b = self.result, self.blend
@@ -69,6 +75,7 @@ class ScanResult:
             "blend_verdict": self.blend_verdict,
             "image_size": self.image_size,
             "shadow_sha256": self.shadow_sha256,
+            "preprocess_decided": self.preprocess_decided,
         }
 
 
@@ -102,14 +109,67 @@ def scan_encoder(
     evidence_dir: str | Path | None = None,
     encoder_id: str | None = None,
     max_bytes: int | None = None,
+    reference: dict | None = None,
 ) -> ScanResult:
-    """Scan one checkpoint. Raises a DecreeError subclass when the encoder cannot be scanned."""
+    """Scan one checkpoint. Raises a DecreeError subclass when the encoder cannot be scanned.
+
+    `reference` ({"image_size", "mean", "std"}, None values: the architecture's defaults): also scan with this
+    preprocessing when it differs from the given one, and keep the more suspicious verdict.
+    """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
     cfg = config or InversionConfig.from_profile("fast")
     if threshold is not None:  # the inversion's settle rule must stop against the threshold the verdict uses
         cfg = replace(cfg, threshold=float(threshold))
     encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std, max_bytes=max_bytes)
+    found = _search(encoder, shadow, cfg, threshold, dev)
+    decided = None
+    if reference is not None:
+        ref = default_preprocess(arch).replace(reference.get("image_size"), reference.get("mean"), reference.get("std"))
+        if ref != encoder.preprocess:
+            other = _search(Encoder(encoder.backbone, arch, ref).eval(), shadow, cfg, threshold, dev)
+            # the audited party's claim stands unless the auditor's preprocessing finds what it hides
+            decided = "reference" if other.suspicious and not found.suspicious else "claimed"
+            found = other if decided == "reference" else found
+    eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
+    evidence = save_evidence(found.result, evidence_dir, eid, found.pixels) if evidence_dir is not None else {}
+    s, blend_score = found.score, found.blend_score
+    return ScanResult(
+        encoder_id=eid,
+        arch=arch,
+        result=found.result,
+        verdict="trojaned" if found.suspicious else "clean",
+        threshold=s.threshold,
+        device=str(dev),
+        seconds=time.perf_counter() - t0,
+        evidence=evidence,
+        blend=found.blend,
+        patch_verdict=s.verdict,
+        blend_verdict=None if blend_score is None else blend_score.verdict,
+        blend_threshold=None if blend_score is None else blend_score.threshold,
+        image_size=found.image_size,
+        shadow_sha256=found.shadow_digest,
+        preprocess_decided=decided,
+    )
+
+
+@dataclass
+class _Found:
+    result: InversionResult
+    score: Score
+    blend: InversionResult | None
+    blend_score: Score | None
+    pixels: torch.Tensor
+    shadow_digest: str | None
+    image_size: int
+
+    @property
+    def suspicious(self) -> bool:
+        return self.score.verdict == "trojaned" or (self.blend_score is not None and self.blend_score.verdict == "trojaned")
+
+
+def _search(encoder: Encoder, shadow, cfg: InversionConfig, threshold: float | None, dev: torch.device) -> _Found:
+    """The patch search, then the blend search unless the patch search already flagged the encoder."""
     pixels, shadow_digest = _shadow_pixels(shadow, encoder.preprocess.image_size, dev)
     result = _checked(invert(encoder, pixels, cfg, device=dev))
     s = score(result, threshold)
@@ -118,25 +178,7 @@ def scan_encoder(
     if bcfg is not None and s.verdict != "trojaned":
         blend = _checked(invert(encoder, pixels, bcfg, device=dev))
         blend_score = score(blend)
-    suspicious = s.verdict == "trojaned" or (blend_score is not None and blend_score.verdict == "trojaned")
-    eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
-    evidence = save_evidence(result, evidence_dir, eid, pixels) if evidence_dir is not None else {}
-    return ScanResult(
-        encoder_id=eid,
-        arch=arch,
-        result=result,
-        verdict="trojaned" if suspicious else "clean",
-        threshold=s.threshold,
-        device=str(dev),
-        seconds=time.perf_counter() - t0,
-        evidence=evidence,
-        blend=blend,
-        patch_verdict=s.verdict,
-        blend_verdict=None if blend_score is None else blend_score.verdict,
-        blend_threshold=None if blend_score is None else blend_score.threshold,
-        image_size=encoder.preprocess.image_size,
-        shadow_sha256=shadow_digest,
-    )
+    return _Found(result, s, blend, blend_score, pixels, shadow_digest, encoder.preprocess.image_size)
 
 
 def _checked(result: InversionResult) -> InversionResult:

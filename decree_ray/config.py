@@ -48,6 +48,10 @@ class JobConfig:
     # bigger checkpoints are error rows, never downloaded (None: no limit); the largest image towers are ~4 GB
     max_checkpoint_bytes: int | None = DEFAULT_MAX_CHECKPOINT_BYTES
     load_timeout: float = LOAD_TIMEOUT  # reading one checkpoint (in a child process) past this is its error row
+    # the auditor's input size (None: each architecture's own); a manifest line's image_size overrides it
+    image_size: int | None = None
+    # believe a sidecar's / hub config's preprocessing alone (default: also scan at the auditor's, keep the worse)
+    trust_sidecar_preprocessing: bool = False
     retry_mode: str = "adaptive"
     max_attempts: int = 8
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -65,6 +69,8 @@ class JobConfig:
             raise ValueError("cpus_per_encoder must be > 0 and gpus_per_encoder >= 0")
         if self.max_encoders is not None and self.max_encoders < 1:
             raise ValueError("max_encoders must be >= 1")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise ValueError("image_size must be within 8..1024")
         if self.max_checkpoint_bytes is not None and self.max_checkpoint_bytes < 1:
             raise ValueError("max_checkpoint_bytes must be >= 1")
         if not self.fleet_cutoff > 0 or self.fleet_cutoff == float("inf"):

@@ -116,7 +116,8 @@ class _Job:
         shadow = results_mod.shadow_digest(self.cfg.shadow, self.cfg.s3)
         return results_mod.settings_key(profile=self.cfg.profile, overrides=self.cfg.overrides, steps=self.cfg.steps,
                                         threshold=self.cfg.threshold, shadow_limit=self.cfg.shadow_limit,
-                                        shadow_sha256=shadow)
+                                        shadow_sha256=shadow, image_size=self.cfg.image_size,
+                                        trust_sidecar_preprocessing=self.cfg.trust_sidecar_preprocessing)
 
     # -- actors -------------------------------------------------------------------------------------
     def _actor_options(self) -> ActorShape:
@@ -144,6 +145,8 @@ class _Job:
             shadow_limit=self.cfg.shadow_limit,
             max_checkpoint_bytes=self.cfg.max_checkpoint_bytes,
             load_timeout=self.cfg.load_timeout,
+            image_size=self.cfg.image_size,
+            trust_sidecar_preprocessing=self.cfg.trust_sidecar_preprocessing,
             evidence=self.cfg.evidence,
             threads=max(1, int(cpus)),
             s3=self.cfg.s3,

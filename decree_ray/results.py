@@ -175,7 +175,8 @@ def content_key(sha256: str, arch: str | None, profile: str | None, *, image_siz
 
 
 def settings_key(*, profile: str, overrides=(), steps: int | None = None, threshold: float | None = None,
-                 shadow_limit: int | None = None, shadow_sha256: str = "") -> str:
+                 shadow_limit: int | None = None, shadow_sha256: str = "", image_size: int | None = None,
+                 trust_sidecar_preprocessing: bool = False) -> str:
     """A digest of every setting besides the checkpoint that changes a verdict."""
     import hashlib
 
@@ -185,7 +186,8 @@ def settings_key(*, profile: str, overrides=(), steps: int | None = None, thresh
         version = None
     blob = json.dumps({"profile": profile, "overrides": sorted((str(k), repr(v)) for k, v in overrides),
                        "steps": steps, "threshold": threshold, "shadow_limit": shadow_limit,
-                       "shadow": shadow_sha256, "decree": version}, sort_keys=True)
+                       "shadow": shadow_sha256, "decree": version,
+                       "preprocessing": [image_size, bool(trust_sidecar_preprocessing)]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -205,13 +207,18 @@ def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:
     return h.hexdigest()
 
 
+CLAIMED = "+claimed"  # marks a content key whose preprocessing was the audited party's claim, checked
+
+
 def key_settings(key: str | None) -> str | None:
     """The settings part of a content key (None for keys written before it existed)."""
     try:
         parts = json.loads(key) if key else None
     except ValueError:
         return None
-    return parts[7] if isinstance(parts, list) and len(parts) == 8 else None
+    if not (isinstance(parts, list) and len(parts) == 8 and isinstance(parts[7], str)):
+        return None
+    return parts[7].removesuffix(CLAIMED)  # a checked claim is still made with this run's settings
 
 
 def _floats(values) -> list[float] | None:
@@ -219,8 +226,10 @@ def _floats(values) -> list[float] | None:
 
 
 def task_content_key(sha256: str, task, profile: str | None, settings: str = "") -> str:
+    # claimed preprocessing is checked against the auditor's: not the same verdict as the same values trusted
+    claimed = getattr(task, "preprocess_source", None) in ("sidecar", "hub config")
     return content_key(sha256, task.arch, profile, image_size=task.image_size, mean=task.mean, std=task.std,
-                       fmt=checkpoint_format(task.uri), settings=settings)
+                       fmt=checkpoint_format(task.uri), settings=settings + (CLAIMED if claimed else ""))
 
 
 def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -65,7 +65,13 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("blend_steps", pa.int64(), True, "Optimization steps of the blend search (null: not run, the patch search had flagged it)."),
     ("blend_threshold", pa.float64(), True, "Blend weight below which the blend search calls the encoder trojaned."),
     ("blend_verdict", pa.string(), True, "Verdict of the blend search alone (null: not run)."),
-    ("image_size", pa.int64(), True, "Input size the encoder was scanned at."),
+    ("image_size", pa.int64(), True, "Input size the encoder was scanned at (the deciding scan's)."),
+    ("preprocess_source", pa.string(), True,
+     "Where the input size and normalization came from: `manifest` (the auditor), `sidecar` or `hub config` (the "
+     "audited party's claim), `default` (the architecture's own, or --image-size)."),
+    ("preprocess_decided", pa.string(), True,
+     "When claimed preprocessing differed from the auditor's, both were scanned: `claimed` or `reference` says "
+     "which verdict stands (the more suspicious one); null when only one scan ran."),
     ("shadow_sha256", pa.string(), True, "Digest of the shadow set the encoder was scanned with."),
     (
         "anomaly_index",
@@ -147,6 +153,8 @@ SCAN_COLUMNS = (
     "blend_verdict",
     "image_size",
     "shadow_sha256",
+    "preprocess_source",
+    "preprocess_decided",
     "decree_version",
     "evidence_mask",
     "evidence_pattern",
@@ -182,6 +190,21 @@ def safe_text(value: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+_NAMED = re.compile(r" \[raw:[0-9a-f]{32}\]$")
+
+
+def row_name(raw: str) -> str:
+    """An id or uri as a row keeps it: `safe_text`, and kept apart from every other name. Escaping is not
+    injective (a raw byte 0xff and the literal text `\\udcff` escape alike) and the table keeps one row per uri,
+    so a name that escaping changed (or that already ends like a marked name) gets a digest of its raw form."""
+    text = safe_text(raw)
+    if text == raw and not _NAMED.search(raw):
+        return raw
+    import hashlib
+
+    return f"{text} [raw:{hashlib.sha256(raw.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}]"
+
+
 def _safe(value: Any) -> Any:
     if isinstance(value, str):
         return safe_text(value)
@@ -208,8 +231,9 @@ def new_row(
         raise ValueError(f"unknown result columns: {sorted(unknown)}")
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(values)
-    row.update(id=id, uri=uri, status=status, arch=arch, label=label, error=error)
+    row.update(arch=arch, label=label, error=error, status=status)
     row = {k: _safe(v) for k, v in row.items()}
+    row.update(id=row_name(id), uri=row_name(uri))
     if row["scanned_at"] is None:
         row["scanned_at"] = now_utc()
     if row["verdict"] is not None and row["verdict"] not in VERDICTS:

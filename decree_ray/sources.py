@@ -54,6 +54,7 @@ class EncoderTask:
     # The listing's cheap identity of the file (size + ETag or mtime/ctime/inode): unchanged means not refetched.
     identity: str | None = None
     arch_source: str | None = None  # where `arch` came from: manifest | sidecar | hub config | --arch
+    preprocess_source: str | None = None  # where image_size/mean/std came from: manifest | sidecar | hub config
 
 
 @dataclass
@@ -146,9 +147,8 @@ def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> Encoder
         if not isinstance(meta, dict):
             continue
         given = preprocessing(meta)
-        return replace(task, arch=given["arch"] or task.arch, image_size=given["image_size"] or task.image_size,
-                       mean=given["mean"] or task.mean, std=given["std"] or task.std, label=given["label"] or task.label,
-                       arch_source="sidecar" if given["arch"] else task.arch_source)
+        return _with_claims(replace(task, arch=given["arch"] or task.arch, label=given["label"] or task.label,
+                                    arch_source="sidecar" if given["arch"] else task.arch_source), given, "sidecar")
     hf = None if storage.is_s3(task.uri) else hub.hub_file(task.uri)
     if hf is not None and task.arch_source in (None, "--arch"):
         try:
@@ -157,9 +157,19 @@ def apply_sidecar(task: EncoderTask, options: S3Options = DEFAULT_S3) -> Encoder
             raise MetadataError(str(e)) from e
         if found is not None:
             given = preprocessing(found)
-            return replace(task, arch=given["arch"], image_size=given["image_size"] or task.image_size,
-                           mean=given["mean"] or task.mean, std=given["std"] or task.std, arch_source="hub config")
+            return _with_claims(replace(task, arch=given["arch"], arch_source="hub config"), given, "hub config")
     return task
+
+
+def _with_claims(task: EncoderTask, given: dict, source: str) -> EncoderTask:
+    """Preprocessing from beside the checkpoint fills only what the manifest (the auditor) left open; it is the
+    audited party's claim, so the row says so (and the worker checks it against the auditor's preprocessing)."""
+    from dataclasses import replace
+
+    if task.preprocess_source == "manifest" or not any(given[k] for k in ("image_size", "mean", "std")):
+        return task
+    return replace(task, image_size=task.image_size or given["image_size"], mean=task.mean or given["mean"],
+                   std=task.std or given["std"], preprocess_source=source)
 
 
 def is_shard_index(uri: str) -> bool:
@@ -282,6 +292,7 @@ def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str |
         label=meta["label"],
         sidecar=task_arch is None,
         arch_source="manifest" if task_arch else ("--arch" if arch else None),
+        preprocess_source="manifest" if any(meta[k] for k in ("image_size", "mean", "std")) else None,
     )
     return task  # whatever its name: the loader decides by content, and says so in the row if it is not one
 

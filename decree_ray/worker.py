@@ -43,6 +43,8 @@ class ScanSettings:
     threads: int = 1
     max_checkpoint_bytes: int | None = None  # refuse bigger checkpoints before downloading them
     load_timeout: float = 120.0  # reading one checkpoint, in the worker's loader process
+    image_size: int | None = None  # the auditor's input size for encoders whose manifest line names none
+    trust_sidecar_preprocessing: bool = False  # else a sidecar's preprocessing is checked against the auditor's
     overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
     s3: S3Options = field(default_factory=S3Options)
     settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
@@ -52,7 +54,8 @@ def _settings_key(s: ScanSettings, shadow_sha256: str) -> str:
     from .results import settings_key
 
     return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
-                        shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256)
+                        shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256, image_size=s.image_size,
+                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing)
 
 
 EVIDENCE_COLUMNS = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
@@ -295,12 +298,17 @@ class ScanWorker:
             from decree.scan import scan_encoder
 
             limit = self.settings.max_checkpoint_bytes  # the file was checked, but the loader refuses too
+            claimed = task.preprocess_source in ("sidecar", "hub config")
+            reference = None
+            if claimed and not self.settings.trust_sidecar_preprocessing:
+                reference = {"image_size": self.settings.image_size}  # the architecture's own mean/std
             result = scan_encoder(
                 self._reader.read(held.path, max_bytes=limit),
                 task.arch,
                 self._shadow_set(),
                 config=self._inversion_config(),
-                image_size=task.image_size,
+                reference=reference,
+                image_size=task.image_size or self.settings.image_size,
                 mean=task.mean,
                 std=task.std,
                 threshold=self.settings.threshold,
@@ -321,7 +329,8 @@ class ScanWorker:
         values.setdefault("decree_version", decree_version())
         files = values.pop(EVIDENCE_BYTES, None)
         row = new_row(id=task.id, uri=task.uri, status="ok", arch=task.arch, label=task.label,
-                      arch_source=task.arch_source, **known, **values)
+                      arch_source=task.arch_source, preprocess_source=task.preprocess_source or "default", **known,
+                      **values)
         return {**row, EVIDENCE_BYTES: files} if files else row
 
     def _publish_evidence(self, values: dict[str, Any], folder: str, local_dir: Path) -> dict[str, Any]:

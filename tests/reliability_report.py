@@ -1,6 +1,6 @@
 """Regenerate bench/RELIABILITY.md: run the fault and abuse suite, which records each outcome as it passes.
 
-    .venv/bin/python tests/reliability_report.py           # run the four modules, then print the report
+    .venv/bin/python tests/reliability_report.py           # run the five modules, then print the report
     .venv/bin/python tests/reliability_report.py --render  # only re-render from bench/reliability/*.json
 
 `make reliability` runs the first form. A plain `pytest` run does not write the report (DECREE_WRITE_RELIABILITY).
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["test_hostile_checkpoints.py", "test_abuse_inputs.py", "test_faults.py", "test_secrets.py"]
+MODULES = ["test_hostile_checkpoints.py", "test_load_containment.py", "test_abuse_inputs.py", "test_faults.py",
+           "test_secrets.py"]
 
 
 def main(argv: list[str]) -> int:

@@ -289,10 +289,10 @@ def test_any_manifest_gives_one_row_per_distinct_entry_and_writes_only_to_out_an
     _copy_zoo(zoo, box)
     manifest = box / "zoo" / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    from decree_ray.schema import safe_text
+    from decree_ray.schema import row_name
     from decree_ray.sources import iter_tasks
 
-    want_uris = {safe_text(t.uri) for t in iter_tasks(str(manifest))}  # rows carry untrusted text sanitized
+    want_uris = {row_name(t.uri) for t in iter_tasks(str(manifest))}  # rows carry untrusted text sanitized
     before = harness.tree(box)
     worker = ScanWorker(harness.settings(box / "zoo" / "shadow.npz", box / "out", box / "cache", steps=1))
     rows = harness.scan_source(str(manifest), worker)

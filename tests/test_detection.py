@@ -51,3 +51,23 @@ def test_scan_encoder_flags_the_trojan_and_writes_evidence(twins, tmp_path):
     assert row["verdict"] == "trojaned" and row["pl1_norm"] < row["threshold"], row
     for key in ("evidence_mask", "evidence_pattern", "evidence_stamp"):
         assert (tmp_path / "ev").joinpath(row[key]).exists() and row[key].endswith(".png")
+
+
+def test_claimed_preprocessing_is_checked_against_the_reference_and_the_more_suspicious_verdict_stands(twins, tmp_path):
+    """A sidecar's input size is the audited party's claim. This clean encoder is clean at 32 px and (a natural
+    trigger) flagged at 16 px: whichever side claims 32, the 16-px scan decides, so a size cannot buy a verdict."""
+    from safetensors.torch import save_file
+
+    clean, _, shadow = twins
+    ckpt = tmp_path / "clean.safetensors"
+    save_file({k: v.contiguous() for k, v in clean.backbone.state_dict().items()}, str(ckpt))
+    kw = dict(config=CFG, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu")
+    ref = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    alone = {size: scan_encoder(ckpt, "timm/tf_efficientnet_lite0", shadow, image_size=size, **kw) for size in (16, 32)}
+    assert alone[32].verdict == "clean" and alone[16].verdict == "trojaned", (alone[32].result, alone[16].result)
+    checked = scan_encoder(ckpt, "timm/tf_efficientnet_lite0", shadow, image_size=32, reference={**ref, "image_size": 16}, **kw)
+    assert (checked.verdict, checked.preprocess_decided, checked.image_size) == ("trojaned", "reference", 16)
+    kept = scan_encoder(ckpt, "timm/tf_efficientnet_lite0", shadow, image_size=16, reference={**ref, "image_size": 32}, **kw)
+    assert (kept.verdict, kept.preprocess_decided, kept.image_size) == ("trojaned", "claimed", 16)
+    same = scan_encoder(ckpt, "timm/tf_efficientnet_lite0", shadow, image_size=32, reference={**ref, "image_size": 32}, **kw)
+    assert same.preprocess_decided is None and same.to_row()["preprocess_decided"] is None

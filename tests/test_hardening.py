@@ -109,3 +109,38 @@ def test_a_small_checkpoint_that_names_a_huge_architecture_is_refused_before_the
     with pytest.raises(CheckpointError, match="refused before building it"):
         create_encoder("torchvision/vit_l_16", path)  # 304M weights
     assert built == ["meta"]  # only counted on the meta device, never materialized
+
+
+def test_names_that_escape_alike_stay_distinct_rows_through_the_scan_and_compaction(tmp_path):
+    """A raw byte 0xff in a file name and the literal text `\\udcff` escape to the same text; a literal name built
+    to look like a marked one is marked too. One row each survives compaction (the table keeps one per uri)."""
+    import hashlib
+    import os
+
+    from faults import harness
+    from faults.zoo import TINY_ARCH, make_zoo
+
+    from decree_ray.schema import row_name
+    from decree_ray.worker import ScanWorker
+
+    zoo = make_zoo(tmp_path / "zoo")
+    src = tmp_path / "src"
+    src.mkdir()
+    data = (zoo / "encoders" / "enc0.safetensors").read_bytes()
+    raw = "enc\udcff.safetensors"
+    forged_mark = f"enc\\udcff.safetensors [raw:{hashlib.sha256(raw.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}]"
+    for name in (os.fsencode(raw), b"enc\\udcff.safetensors", os.fsencode(forged_mark)):
+        (src / os.fsdecode(name)).write_bytes(data)
+    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out", tmp_path / "cache", steps=1))
+    try:
+        rows = harness.scan_source(str(src), worker, arch=TINY_ARCH)
+    finally:
+        worker.close()
+    assert len(rows) == 3 and len({r["uri"] for r in rows}) == 3 and len({r["id"] for r in rows}) == 3, rows
+    assert all(r["status"] == "ok" for r in rows)
+    assert row_name("plain.safetensors") == "plain.safetensors" and row_name(row_name(raw)) != row_name(raw)
+    out = tmp_path / "table"
+    (out / "parts").mkdir(parents=True)
+    pq.write_table(to_table(rows), out / "parts" / "part-1.parquet")
+    results_mod.compact(str(out))
+    assert len(results_mod.load_rows(str(out))) == 3

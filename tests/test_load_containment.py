@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 from faults import harness
+from faults.fixtures import rec, record  # noqa: F401 - fixtures
 from faults.zoo import TINY_ARCH, TINY_SIZE
 from safetensors.torch import save_file
 
@@ -56,28 +57,35 @@ def good(tmp_path_factory):
     return path, sd
 
 
-def test_a_pickle_of_allowed_opcodes_that_would_hash_for_hours_is_killed_at_the_load_timeout(reader, good, tmp_path):
+def test_a_pickle_of_allowed_opcodes_that_would_hash_for_hours_is_killed_at_the_load_timeout(reader, good, tmp_path,
+                                                                                           record):
     bomb = tmp_path / "bomb.pt"
     bomb.write_bytes(memo_dag_bomb())
     t0 = time.monotonic()
     with pytest.raises(LoadLimitError, match=r"checkpoint load exceeded 3 s reading bomb.pt"):
         reader.read(bomb)
-    assert time.monotonic() - t0 < 15
+    took = time.monotonic() - t0
+    assert took < 15
     out = reader.read(good[0])  # a fresh child reads the next checkpoint
     assert set(out) == set(good[1]) and all(torch.equal(out[k], good[1][k]) for k in out)
+    record("hostile checkpoint", "120-byte pickle of allowed opcodes whose dict key is a memo DAG (hash visits 2^60 "
+           "tuples)", 1, f"killed at the 3-s load timeout ({took:.1f} s), named in the error; next file read normally")
 
 
-def test_a_view_that_expands_a_few_bytes_into_gigabytes_is_refused_before_it_is_copied(reader, tmp_path):
+def test_a_view_that_expands_a_few_bytes_into_gigabytes_is_refused_before_it_is_copied(reader, tmp_path, record):
     path = tmp_path / "stride0.pt"
     torch.save({"conv_stem.weight": torch.zeros(1).expand(100_000, 100_000)}, path)  # 40 GB of float32 from 4 B
     assert path.stat().st_size < 10_000
     t0 = time.monotonic()
     with pytest.raises(CheckpointError, match="declare 40000000000 bytes, far more than its file holds"):
         reader.read(path)
-    assert time.monotonic() - t0 < 10
+    took = time.monotonic() - t0
+    assert took < 10
+    record("hostile checkpoint", "1.3 KB file whose stride-0 tensor declares 40 GB", 1,
+           f"refused before any copy ({took:.1f} s)")
 
 
-def test_a_load_that_outgrows_its_memory_bound_is_killed_and_named(tmp_path):
+def test_a_load_that_outgrows_its_memory_bound_is_killed_and_named(tmp_path, record):
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.ones(64 << 20, dtype=torch.uint8) * 3}, path)  # 64 MiB of real tensor data
     small = ContainedReader(timeout=30, min_memory=16 << 20, memory_factor=0)
@@ -86,9 +94,11 @@ def test_a_load_that_outgrows_its_memory_bound_is_killed_and_named(tmp_path):
             small.read(path)
     finally:
         small.close()
+    record("hostile checkpoint", "a load past the loader's memory bound (bound lowered to 16 MiB, 64 MiB file)", 1,
+           "loader killed, error names the memory bound")
 
 
-def test_a_loader_that_dies_mid_load_is_a_named_crash_and_the_next_read_works(good, tmp_path):
+def test_a_loader_that_dies_mid_load_is_a_named_crash_and_the_next_read_works(good, tmp_path, record):
     r = ContainedReader(timeout=30)
     r.start()
     bomb = tmp_path / "hang.pt"
@@ -102,6 +112,8 @@ def test_a_loader_that_dies_mid_load_is_a_named_crash_and_the_next_read_works(go
     finally:
         killer.cancel()
         r.close()
+    record("hostile checkpoint", "loader process dies mid-load (SIGSEGV, as a native crash)", 1,
+           "error 'loader crashed ... (killed by SIGSEGV)'; a fresh loader reads the next file")
 
 
 def test_the_loader_process_stops_before_it_starts_any_process():
@@ -128,7 +140,7 @@ def test_errors_keep_their_type_across_the_process_boundary(reader, tmp_path):
         reader.read(tmp_path / "empty.pt")
 
 
-def test_the_worker_turns_a_load_bomb_into_one_named_error_row_and_scans_the_rest(good, tmp_path):
+def test_the_worker_turns_a_load_bomb_into_one_named_error_row_and_scans_the_rest(good, tmp_path, record):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a_bomb.pt").write_bytes(memo_dag_bomb())
@@ -145,3 +157,5 @@ def test_the_worker_turns_a_load_bomb_into_one_named_error_row_and_scans_the_res
     assert [r["status"] for r in rows] == ["error", "ok"], rows
     assert "checkpoint load exceeded 3 s" in rows[0]["error"] and rows[0]["sha256"]
     assert time.monotonic() - t0 < 60
+    record("hostile checkpoint", "memo-DAG load bomb beside a good encoder (worker path)", 2,
+           "one error row 'checkpoint load exceeded 3 s', the good encoder scanned")

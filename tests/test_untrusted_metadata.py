@@ -76,7 +76,7 @@ def test_hostile_manifest_lines_are_error_rows_and_the_rest_is_scanned(zoo, tmp_
         row = next(r for r in rows.values() if fragment in (r["error"] or "") and r["status"] == "error"
                    and (r["id"] in line or r["id"].startswith("line-")))
         assert row["verdict"] is None
-    assert rows["surrogate\\udcff"]["status"] == "ok"  # lone surrogate: escaped in the row, not a writer crash
+    assert rows[next(k for k in rows if k.startswith("surrogate\\udcff [raw:"))]["status"] == "ok"  # lone surrogate: escaped in the row, not a writer crash
     # the invalid byte did not end the manifest: its line is a row of its own and "after" was still read
     assert any(r["id"].startswith("bad-byte-") for r in rows.values())
 
@@ -109,3 +109,39 @@ def test_metadata_values_are_typed_and_bounded():
             floats(bad, "mean")
     with pytest.raises(MetadataError):
         preprocessing({"arch": "x" * 10_000})
+
+
+def test_a_sidecars_input_size_is_a_claim_scanned_against_the_auditors_and_recorded(zoo, tmp_path):
+    box = _box(zoo, tmp_path)
+    enc = box / "encoders"
+    (enc / "enc0.safetensors.json").write_text(json.dumps({"arch": TINY_ARCH, "image_size": 16}))
+    (enc / "enc1.safetensors.json").write_text(json.dumps({"arch": TINY_ARCH}))
+    rows = {}
+    for trust in (False, True):
+        worker = ScanWorker(harness.settings(box / "shadow.npz", tmp_path / f"out{trust}", tmp_path / "cache", steps=1,
+                                             image_size=TINY_SIZE, trust_sidecar_preprocessing=trust))
+        try:
+            rows[trust] = {r["id"]: r for r in harness.scan_source(str(enc), worker)}
+        finally:
+            worker.close()
+    claimed, trusted = rows[False]["enc0.safetensors"], rows[True]["enc0.safetensors"]
+    assert claimed["status"] == "ok" and claimed["preprocess_source"] == "sidecar"
+    assert claimed["preprocess_decided"] in ("claimed", "reference")  # both sizes were scanned
+    assert claimed["image_size"] == (16 if claimed["preprocess_decided"] == "claimed" else TINY_SIZE)
+    assert trusted["preprocess_decided"] is None and trusted["image_size"] == 16
+    assert claimed["content_key"] != trusted["content_key"]  # a trusted run's verdict is never reused unchecked
+    plain = rows[False]["enc1.safetensors"]  # no preprocessing claimed: the auditor's --image-size, one scan
+    assert (plain["preprocess_source"], plain["preprocess_decided"], plain["image_size"]) == ("default", None, TINY_SIZE)
+
+
+def test_a_manifest_lines_preprocessing_wins_over_the_sidecars(zoo, tmp_path):
+    from decree_ray.sources import apply_sidecar, iter_tasks
+
+    box = _box(zoo, tmp_path)
+    (box / "encoders" / "enc0.safetensors.json").write_text(json.dumps({"arch": TINY_ARCH, "image_size": 16,
+                                                                        "mean": [0.1, 0.1, 0.1]}))
+    manifest = box / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "e", "uri": "encoders/enc0.safetensors", "image_size": 32}) + "\n")
+    (task,) = list(iter_tasks(str(manifest)))
+    task = apply_sidecar(task)
+    assert (task.arch, task.image_size, task.mean, task.preprocess_source) == (TINY_ARCH, 32, None, "manifest")

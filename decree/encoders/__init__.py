@@ -23,6 +23,7 @@ __all__ = [
     "Encoder",
     "Preprocess",
     "create_encoder",
+    "default_preprocess",
     "families",
     "lite0_imagenet_state_dict",
     "open_clip_model",
@@ -44,6 +45,18 @@ def _weights_bytes(arch: str) -> int | None:
     except Exception:  # noqa: BLE001 - some builders need real tensors; the check is then skipped
         return None
     return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+
+
+@functools.lru_cache(maxsize=64)
+def default_preprocess(arch: str) -> Preprocess:
+    """The architecture's own input size and normalization (built on the meta device when it can be)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_backbone(arch)[1]
+    except Exception:  # noqa: BLE001 - some builders need real tensors
+        return build_backbone(arch)[1]
 
 
 BIG_MODEL = 1 << 24  # 16.7M weights (67 MB in fp32): where building the wrong model starts to cost

@@ -44,7 +44,9 @@ from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this mo
     Steps,
     Threshold,
     Timeout,
+    ImageSize,
     LoadTimeout,
+    TrustSidecars,
     StartupTimeout,
     Workers,
     _config,
@@ -80,6 +82,8 @@ def scan(
     max_encoders: MaxEnc = None,
     endpoint_url: Endpoint = None,
     arch: Arch = None,
+    image_size: ImageSize = None,
+    trust_sidecar_preprocessing: TrustSidecars = False,
     steps: Steps = None,
     timeout: Timeout = 1800.0,
     startup_timeout: StartupTimeout = 1200.0,
@@ -110,6 +114,8 @@ def scan(
         max_encoders=max_encoders,
         endpoint_url=endpoint_url,
         arch=arch,
+        image_size=image_size,
+        trust_sidecar_preprocessing=trust_sidecar_preprocessing,
         steps=steps,
         timeout=timeout,
         startup_timeout=startup_timeout,
@@ -168,6 +174,7 @@ def scan_args(config) -> list[str]:
         "--max-encoders": config.max_encoders,
         "--endpoint-url": config.endpoint_url,
         "--arch": config.arch,
+        "--image-size": config.image_size,
         "--steps": config.steps,
         "--timeout": config.timeout,
         "--startup-timeout": config.startup_timeout,
@@ -180,6 +187,8 @@ def scan_args(config) -> list[str]:
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
+    if config.trust_sidecar_preprocessing:
+        args.append("--trust-sidecar-preprocessing")
     if config.fleet_cutoff != DEFAULT_CUTOFF:
         args += ["--fleet-cutoff", str(config.fleet_cutoff)]
     for ref in config.references:
@@ -212,6 +221,8 @@ def submit(
     max_encoders: MaxEnc = None,
     endpoint_url: Endpoint = None,
     arch: Arch = None,
+    image_size: ImageSize = None,
+    trust_sidecar_preprocessing: TrustSidecars = False,
     steps: Steps = None,
     timeout: Timeout = 1800.0,
     startup_timeout: StartupTimeout = 1200.0,
@@ -236,6 +247,8 @@ def submit(
         max_encoders=max_encoders,
         endpoint_url=endpoint_url,
         arch=arch,
+        image_size=image_size,
+        trust_sidecar_preprocessing=trust_sidecar_preprocessing,
         steps=steps,
         timeout=timeout,
         startup_timeout=startup_timeout,

@@ -36,6 +36,19 @@ Endpoint = Annotated[Optional[str], typer.Option("--endpoint-url", help="S3-comp
 Arch = Annotated[
     Optional[str], typer.Option("--arch", help="Architecture when neither manifest nor <checkpoint>.json names one.")
 ]
+ImageSize = Annotated[
+    Optional[int],
+    typer.Option("--image-size", min=8, max=1024,
+                 help="Input size to scan at when the manifest names none (default: each architecture's own). "
+                 "A <checkpoint>.json's size is the audited party's claim: scanned too, the more suspicious verdict "
+                 "stands."),
+]
+TrustSidecars = Annotated[
+    bool,
+    typer.Option("--trust-sidecar-preprocessing",
+                 help="Believe image_size/mean/std from <checkpoint>.json or a hub config alone (only when you wrote "
+                 "them): skips the second scan at --image-size / the architecture's own preprocessing."),
+]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's max_steps (quick runs).")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds per encoder before it is recorded as an error.")]
 StartupTimeout = Annotated[
