@@ -73,8 +73,16 @@ def render() -> str:
                          f"`{mod['module']}::{o['test']}` |")
             total_cases += o["cases"]
             total_lost += o["rows_lost"]
-    lines += ["", f"Total: {total_cases} cases, {total_lost} rows lost.", "", "| module | outcomes | seconds (2 shared CPU cores) |",
-              "|---|---:|---:|"]
+    lines += ["", f"Total: {total_cases} cases, {total_lost} rows lost.", ""]
+    per_area: dict[str, list[int]] = {}
+    for mod in modules:
+        for o in mod["outcomes"]:
+            if o["area"] != "gap":
+                a = per_area.setdefault(o["area"], [0, 0, 0])
+                a[0], a[1], a[2] = a[0] + 1, a[1] + o["cases"], a[2] + o["rows_lost"]
+    lines += ["| area | outcomes | cases | rows lost |", "|---|---:|---:|---:|"]
+    lines += [f"| {area} | {n} | {c} | {lost} |" for area, (n, c, lost) in sorted(per_area.items())]
+    lines += ["", "| module | outcomes | seconds (2 shared CPU cores) |", "|---|---:|---:|"]
     for mod in modules:
         lines.append(f"| `{mod['module']}` | {len(mod['outcomes'])} | {mod['seconds'] if mod['seconds'] is not None else 'not run'} |")
     if gaps:
