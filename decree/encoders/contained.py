@@ -88,6 +88,8 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
         req = json.loads(inp.read(_LEN.unpack(head)[0]))
         try:
             obj = read_state_dict(req["path"], max_bytes=req.get("max_bytes"))
+            if not isinstance(obj, dict):
+                raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
             tensors: list[torch.Tensor] = []
             tree = _encode(obj, tensors, {})
             declared = sum(t.numel() * t.element_size() for t in tensors)
