@@ -49,7 +49,7 @@ from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this mo
     TrustSidecars,
     StartupTimeout,
     Workers,
-    _config,
+    config_from_options,
     _fail,
     err_console,
     parse_sets,
@@ -102,33 +102,7 @@ def scan(
     from .. import job
     from ..progress import NullReporter, RichReporter
 
-    config = _config(
-        source=source,
-        shadow=shadow,
-        out=out,
-        address=address,
-        profile=profile,
-        threshold=threshold,
-        gpus_per_encoder=gpus_per_encoder,
-        cpus_per_encoder=cpus_per_encoder,
-        max_encoders=max_encoders,
-        endpoint_url=endpoint_url,
-        arch=arch,
-        image_size=image_size,
-        trust_sidecar_preprocessing=trust_sidecar_preprocessing,
-        steps=steps,
-        timeout=timeout,
-        startup_timeout=startup_timeout,
-        load_timeout=load_timeout,
-        max_retries=max_retries,
-        prefetch=prefetch,
-        overrides=parse_sets(sets, profile),
-        num_workers=workers,
-        local_cpus=local_cpus,
-        max_checkpoint_bytes=parse_size(max_checkpoint_size),
-        references=tuple(reference or ()),
-        fleet_cutoff=fleet_cutoff,
-    )
+    config = config_from_options(locals())
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -236,31 +210,7 @@ def submit(
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
 ) -> None:
     """Run the same scan as a Ray Job on a cluster; prints the job id (follow it with `decree status`)."""
-    config = _config(
-        source=source,
-        shadow=shadow,
-        out=out,
-        profile=profile,
-        threshold=threshold,
-        gpus_per_encoder=gpus_per_encoder,
-        cpus_per_encoder=cpus_per_encoder,
-        max_encoders=max_encoders,
-        endpoint_url=endpoint_url,
-        arch=arch,
-        image_size=image_size,
-        trust_sidecar_preprocessing=trust_sidecar_preprocessing,
-        steps=steps,
-        timeout=timeout,
-        startup_timeout=startup_timeout,
-        load_timeout=load_timeout,
-        max_retries=max_retries,
-        prefetch=prefetch,
-        overrides=parse_sets(sets, profile),
-        num_workers=workers,
-        max_checkpoint_bytes=parse_size(max_checkpoint_size),
-        references=tuple(reference or ()),
-        fleet_cutoff=fleet_cutoff,
-    )
+    config = config_from_options(locals(), skip=("working_dir", "pip", "env", "address"))
     runtime_env: dict = {}
     if working_dir is not None:
         runtime_env["working_dir"] = str(working_dir)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from ..config import DEFAULT_MAX_CHECKPOINT_BYTES
+
+if TYPE_CHECKING:
+    from ..config import JobConfig
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 err_console = Console(stderr=True)
@@ -154,10 +157,29 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _config(**kwargs):
+# CLI parameter -> (JobConfig field, conversion); every other parameter is a JobConfig field of the same name
+_CONVERTED = {
+    "sets": ("overrides", None),  # parsed against the profile below
+    "workers": ("num_workers", lambda v: v),
+    "max_checkpoint_size": ("max_checkpoint_bytes", lambda v: parse_size(v)),
+    "reference": ("references", lambda v: tuple(v or ())),
+}
+
+
+def config_from_options(params: dict, skip=()) -> "JobConfig":
+    """The JobConfig of a `scan`/`submit` call, from its parameters (`locals()`), validated (exit 2 if not)."""
+    import dataclasses
+
     from ..config import JobConfig
 
+    fields = {f.name for f in dataclasses.fields(JobConfig)}
+    kwargs = {}
+    for name, value in params.items():
+        if name in skip or (name not in fields and name not in _CONVERTED):
+            continue  # CLI-only options (--quiet) and the command's own local names
+        field, convert = _CONVERTED.get(name, (name, lambda v: v))
+        kwargs[field] = parse_sets(value, params["profile"]) if name == "sets" else convert(value)
     try:
         return JobConfig(**kwargs)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise _fail(str(e)) from None
