@@ -73,6 +73,33 @@ def _refuse_spawns(event: str, _args) -> None:  # pragma: no cover - runs in the
         os._exit(SPAWN_EXIT)
 
 
+def _address_limit(extra: int | None) -> None:  # pragma: no cover - runs in the subprocess
+    """A hard bound under the parent's polling: the address space may grow by `extra` bytes (None: lifted)."""
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if extra is None:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            return
+        with open("/proc/self/status") as fh:
+            vm = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmSize:"))
+        cap = vm + int(extra)
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass  # not Linux: the parent's polling still bounds it
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        text = str(exc).lower()
+        if isinstance(exc, MemoryError) or ("alloc" in text and "memory" in text):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _child() -> None:  # pragma: no cover - runs in the subprocess (tested through ContainedReader)
     sys.addaudithook(_refuse_spawns)
     out = os.fdopen(os.dup(1), "wb")
@@ -87,7 +114,11 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
             return
         req = json.loads(inp.read(_LEN.unpack(head)[0]))
         try:
-            obj = read_state_dict(req["path"], max_bytes=req.get("max_bytes"))
+            _address_limit(req.get("memory"))
+            try:
+                obj = read_state_dict(req["path"], max_bytes=req.get("max_bytes"))
+            finally:
+                _address_limit(None)
             if not isinstance(obj, dict):
                 raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
             tensors: list[torch.Tensor] = []
@@ -103,13 +134,24 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
             _send(out, json.dumps({"ok": True, "tree": tree, "tensors": meta}).encode())
             for f in flat:
                 _send(out, f.view(torch.uint8).numpy().tobytes() if f.numel() else b"")
-        except DecreeError as e:
-            _send(out, json.dumps({"ok": False, "kind": type(e).__name__, "message": str(e),
-                                   "blocked": list(getattr(e, "blocked", []))}).encode())
-        except Exception as e:  # noqa: BLE001 - any failure of the loader is this checkpoint's error
-            _send(out, json.dumps({"ok": False, "kind": "CheckpointError",
-                                   "message": f"loader failed: {type(e).__name__}: {str(e)[:300]}"}).encode())
+        except Exception as e:  # noqa: BLE001 - the address-space limit surfaces as whatever allocation failed
+            if not _out_of_memory(e):
+                _reply_error(out, e)
+            else:
+                gb = (req.get("memory") or 0) / (1 << 30)
+                _send(out, json.dumps({"ok": False, "kind": "LoadLimitError", "message":
+                                       f"checkpoint load exceeded {gb:.1f} GB of memory reading "
+                                       f"{Path(req['path']).name} (refused)"}).encode())
         out.flush()
+
+
+def _reply_error(out, e: Exception) -> None:  # pragma: no cover - runs in the subprocess
+    if isinstance(e, DecreeError):
+        _send(out, json.dumps({"ok": False, "kind": type(e).__name__, "message": str(e),
+                               "blocked": list(getattr(e, "blocked", []))}).encode())
+    else:  # any other failure of the loader is this checkpoint's error
+        _send(out, json.dumps({"ok": False, "kind": "CheckpointError",
+                               "message": f"loader failed: {type(e).__name__}: {str(e)[:300]}"}).encode())
 
 
 # -- the parent -----------------------------------------------------------------------------------------
@@ -162,7 +204,7 @@ class ContainedReader:
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         memory = max(self.min_memory, int(self.memory_factor * size))
         deadline = time.monotonic() + self.timeout
-        req = json.dumps({"path": str(path), "max_bytes": max_bytes}).encode()
+        req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory}).encode()
         try:
             proc.stdin.write(_LEN.pack(len(req)) + req)
             proc.stdin.flush()
@@ -262,6 +304,8 @@ def _no_core_dumps() -> None:  # pragma: no cover - runs in the child before exe
 
 def _error(header: dict) -> DecreeError:
     message = str(header.get("message") or "checkpoint cannot be read")[:2000]
+    if header.get("kind") == "LoadLimitError":
+        return LoadLimitError(message)
     if header.get("kind") == "UnsafeCheckpointError":
         blocked = [str(b)[:200] for b in header.get("blocked") or []][:64]
         return UnsafeCheckpointError(message, blocked=blocked)
