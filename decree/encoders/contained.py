@@ -205,6 +205,7 @@ class ContainedReader:
         memory = max(self.min_memory, int(self.memory_factor * size))
         deadline = time.monotonic() + self.timeout
         req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory}).encode()
+        self._baseline = _rss(proc.pid) or 0  # the loader is idle between checkpoints: growth from here counts
         try:
             proc.stdin.write(_LEN.pack(len(req)) + req)
             proc.stdin.flush()
@@ -216,7 +217,7 @@ class ContainedReader:
         except LoadLimitError:
             self.close()
             raise
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             self.close()
             raise LoadLimitError(f"loader crashed reading {path.name}: {type(e).__name__}") from e
 
@@ -249,8 +250,8 @@ class ContainedReader:
         chunks, got = [], 0
         while got < n:
             ready, _, _ = select.select([fd], [], [], 0.05)
+            self._check(proc, deadline, memory, name, alive=bool(ready))  # cheap: a poll and one /proc read
             if not ready:
-                self._check(proc, deadline, memory, name)
                 continue
             chunk = os.read(fd, min(n - got, 1 << 22))
             if not chunk:
@@ -259,8 +260,8 @@ class ContainedReader:
             got += len(chunk)
         return b"".join(chunks)
 
-    def _check(self, proc, deadline: float, memory: int, name: str, ended: bool = False) -> None:
-        code = proc.poll()
+    def _check(self, proc, deadline: float, memory: int, name: str, ended: bool = False, alive: bool = False) -> None:
+        code = None if alive else proc.poll()  # with data waiting, the frames are read before an exit is noticed
         if ended or code is not None:
             code = proc.wait() if code is None else code
             if code == SPAWN_EXIT:
@@ -272,8 +273,6 @@ class ContainedReader:
             raise LoadLimitError(f"checkpoint load exceeded {self.timeout:g} s reading {name} (killed)")
         rss = _rss(proc.pid)
         if rss is not None:
-            if not self._baseline:
-                self._baseline = rss
             if rss - self._baseline > memory:
                 raise LoadLimitError(f"checkpoint load exceeded {memory / (1 << 30):.1f} GB of memory reading {name} "
                                      "(killed)")

@@ -6,22 +6,21 @@ resume from in a test-sized scan. Everything else is the real `decree scan`. Run
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from decree_ray.cli import commands as cli  # the module whose globals the commands read
 
 FAST = (("restarts", 1), ("batch_size", 8), ("eval_images", 8))
-_real_config = cli._config
+_real_config = cli.config_from_options
 
 
-def _config(**kwargs):
-    kwargs.setdefault("flush_every", 1)
-    kwargs.setdefault("flush_seconds", 0.5)
-    kwargs.setdefault("overrides", FAST)
-    return _real_config(**kwargs)
+def _config(params, skip=()):
+    config = _real_config(params, skip)
+    return dataclasses.replace(config, flush_every=1, flush_seconds=0.5, overrides=config.overrides or FAST)
 
 
-cli._config = _config
+cli.config_from_options = _config
 
 if __name__ == "__main__":
     sys.argv[0] = "decree"
