@@ -303,7 +303,7 @@ class ScanWorker:
             if claimed and not self.settings.trust_sidecar_preprocessing:
                 reference = {"image_size": self.settings.image_size}  # the architecture's own mean/std
             result = scan_encoder(
-                self._reader.read(held.path, max_bytes=limit),
+                self._reader.read(held.path, max_bytes=limit, name=task.uri.rsplit("/", 1)[-1]),
                 task.arch,
                 self._shadow_set(),
                 config=self._inversion_config(),

@@ -155,7 +155,7 @@ def test_the_worker_turns_a_load_bomb_into_one_named_error_row_and_scans_the_res
     rows = harness.scan_source(str(src), worker, arch=TINY_ARCH)
     worker.close()
     assert [r["status"] for r in rows] == ["error", "ok"], rows
-    assert "checkpoint load exceeded 3 s" in rows[0]["error"] and rows[0]["sha256"]
+    assert "checkpoint load exceeded 3 s reading a_bomb.pt (killed)" in rows[0]["error"] and rows[0]["sha256"]
     assert time.monotonic() - t0 < 60
     record("hostile checkpoint", "memo-DAG load bomb beside a good encoder (worker path)", 2,
            "one error row 'checkpoint load exceeded 3 s', the good encoder scanned")

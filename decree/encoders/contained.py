@@ -141,7 +141,7 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
                 gb = (req.get("memory") or 0) / (1 << 30)
                 _send(out, json.dumps({"ok": False, "kind": "LoadLimitError", "message":
                                        f"checkpoint load exceeded {gb:.1f} GB of memory reading "
-                                       f"{Path(req['path']).name} (refused)"}).encode())
+                                       f"{req.get('name') or Path(req['path']).name} (refused)"}).encode())
         out.flush()
 
 
@@ -196,7 +196,8 @@ class ContainedReader:
         except Exception:  # noqa: BLE001
             pass
 
-    def read(self, path: str | Path, *, max_bytes: int | None = None) -> dict:
+    def read(self, path: str | Path, *, max_bytes: int | None = None, name: str | None = None) -> dict:
+        """`name`: how errors call the file (the scan reads a cached copy; the row should name the original)."""
         path = Path(path)
         size = _total_size(path)
         self.start()
@@ -204,22 +205,23 @@ class ContainedReader:
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         memory = max(self.min_memory, int(self.memory_factor * size))
         deadline = time.monotonic() + self.timeout
-        req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory}).encode()
+        shown = name or path.name
+        req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory, "name": shown}).encode()
         self._baseline = _rss(proc.pid) or 0  # the loader is idle between checkpoints: growth from here counts
         try:
             proc.stdin.write(_LEN.pack(len(req)) + req)
             proc.stdin.flush()
-            header = json.loads(self._frame(proc, deadline, memory, path.name))
+            header = json.loads(self._frame(proc, deadline, memory, shown))
             if not header.get("ok"):
                 raise _error(header)
-            tensors = [self._tensor(proc, deadline, memory, path.name, m, size) for m in header["tensors"]]
+            tensors = [self._tensor(proc, deadline, memory, shown, m, size) for m in header["tensors"]]
             return _decode(header["tree"], tensors)
         except LoadLimitError:
             self.close()
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             self.close()
-            raise LoadLimitError(f"loader crashed reading {path.name}: {type(e).__name__}") from e
+            raise LoadLimitError(f"loader crashed reading {shown}: {type(e).__name__}") from e
 
     def _frame(self, proc, deadline: float, memory: int, name: str, limit: int = _HEADER_MAX) -> bytes:
         n = _LEN.unpack(self._exact(proc, _LEN.size, deadline, memory, name))[0]
