@@ -114,10 +114,7 @@ class _Job:
     def _settings_key(self) -> str:
         """results.settings_key of this run; the shadow set enters by the SHA-256 of its file's bytes."""
         shadow = results_mod.shadow_digest(self.cfg.shadow, self.cfg.s3)
-        return results_mod.settings_key(profile=self.cfg.profile, overrides=self.cfg.overrides, steps=self.cfg.steps,
-                                        threshold=self.cfg.threshold, shadow_limit=self.cfg.shadow_limit,
-                                        shadow_sha256=shadow, image_size=self.cfg.image_size,
-                                        trust_sidecar_preprocessing=self.cfg.trust_sidecar_preprocessing)
+        return results_mod.settings_key_of(self.cfg, shadow)
 
     # -- actors -------------------------------------------------------------------------------------
     def _actor_options(self) -> ActorShape:

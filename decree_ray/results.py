@@ -191,6 +191,15 @@ def settings_key(*, profile: str, overrides=(), steps: int | None = None, thresh
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def settings_key_of(settings, shadow_sha256: str) -> str:
+    """settings_key of a JobConfig (the driver) or a ScanSettings (a worker): they name these fields alike, so a
+    setting added to the key is added in one place and driver and workers cannot disagree."""
+    s = settings
+    return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
+                        shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256, image_size=s.image_size,
+                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing)
+
+
 def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:
     """SHA-256 of a shadow set as stored: a file's bytes (local or s3://), or a local folder's files and names."""
     import hashlib

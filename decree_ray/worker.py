@@ -50,14 +50,6 @@ class ScanSettings:
     settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
 
 
-def _settings_key(s: ScanSettings, shadow_sha256: str) -> str:
-    from .results import settings_key
-
-    return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
-                        shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256, image_size=s.image_size,
-                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing)
-
-
 EVIDENCE_COLUMNS = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
 EVIDENCE_BYTES = "_evidence_bytes"  # {column: (file name, PNG bytes)} on a row for a local --out; not a column
 
@@ -199,9 +191,9 @@ class ScanWorker:
             path, delete = storage.fetch(self.settings.shadow, self.cache / "shadow", self.settings.s3)
             try:
                 if self._settings_key is None:
-                    from .results import shadow_digest
+                    from .results import settings_key_of, shadow_digest
 
-                    self._settings_key = _settings_key(self.settings, shadow_digest(str(path)))
+                    self._settings_key = settings_key_of(self.settings, shadow_digest(str(path)))
                 self._shadow = ShadowSet(path, limit=self.settings.shadow_limit)  # decoded once, tensors per size
             finally:
                 if delete:
