@@ -236,9 +236,8 @@ def _floats(values) -> list[float] | None:
 
 def task_content_key(sha256: str, task, profile: str | None, settings: str = "") -> str:
     # claimed preprocessing is checked against the auditor's: not the same verdict as the same values trusted
-    claimed = getattr(task, "preprocess_source", None) in ("sidecar", "hub config")
     return content_key(sha256, task.arch, profile, image_size=task.image_size, mean=task.mean, std=task.std,
-                       fmt=checkpoint_format(task.uri), settings=settings + (CLAIMED if claimed else ""))
+                       fmt=checkpoint_format(task.uri), settings=settings + (CLAIMED if task.claims_preprocessing else ""))
 
 
 def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

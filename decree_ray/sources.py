@@ -35,6 +35,10 @@ def checkpoint_suffixes() -> frozenset[str]:
     return frozenset(CHECKPOINT_SUFFIXES)
 
 
+PREPROCESSING = ("image_size", "mean", "std")
+CLAIMED_SOURCES = ("sidecar", "hub config")  # preprocessing from beside the checkpoint: the audited party's word
+
+
 @dataclass(frozen=True)
 class EncoderTask:
     """One encoder to scan. Small and picklable: the driver ships tasks, never weights."""
@@ -55,6 +59,11 @@ class EncoderTask:
     identity: str | None = None
     arch_source: str | None = None  # where `arch` came from: manifest | sidecar | hub config | --arch
     preprocess_source: str | None = None  # where image_size/mean/std came from: manifest | sidecar | hub config
+
+    @property
+    def claims_preprocessing(self) -> bool:
+        """Its preprocessing is the audited party's claim (checked against the auditor's unless trusted)."""
+        return self.preprocess_source in CLAIMED_SOURCES
 
 
 @dataclass
@@ -166,7 +175,7 @@ def _with_claims(task: EncoderTask, given: dict, source: str) -> EncoderTask:
     audited party's claim, so the row says so (and the worker checks it against the auditor's preprocessing)."""
     from dataclasses import replace
 
-    if task.preprocess_source == "manifest" or not any(given[k] for k in ("image_size", "mean", "std")):
+    if task.preprocess_source == "manifest" or not any(given[k] for k in PREPROCESSING):
         return task
     return replace(task, image_size=task.image_size or given["image_size"], mean=task.mean or given["mean"],
                    std=task.std or given["std"], preprocess_source=source)
@@ -292,7 +301,7 @@ def _task_from_record(manifest: str, n: int, record: dict[str, Any], arch: str |
         label=meta["label"],
         sidecar=task_arch is None,
         arch_source="manifest" if task_arch else ("--arch" if arch else None),
-        preprocess_source="manifest" if any(meta[k] for k in ("image_size", "mean", "std")) else None,
+        preprocess_source="manifest" if any(meta[k] for k in PREPROCESSING) else None,
     )
     return task  # whatever its name: the loader decides by content, and says so in the row if it is not one
 

@@ -290,9 +290,8 @@ class ScanWorker:
             from decree.scan import scan_encoder
 
             limit = self.settings.max_checkpoint_bytes  # the file was checked, but the loader refuses too
-            claimed = task.preprocess_source in ("sidecar", "hub config")
             reference = None
-            if claimed and not self.settings.trust_sidecar_preprocessing:
+            if task.claims_preprocessing and not self.settings.trust_sidecar_preprocessing:
                 reference = {"image_size": self.settings.image_size}  # the architecture's own mean/std
             result = scan_encoder(
                 self._reader.read(held.path, max_bytes=limit, name=task.uri.rsplit("/", 1)[-1]),
