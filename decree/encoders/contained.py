@@ -10,6 +10,7 @@ unpickled, and the parent checks every dtype, shape and size before it builds a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import signal
@@ -124,7 +125,7 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
             tensors: list[torch.Tensor] = []
             tree = _encode(obj, tensors, {})
             declared = sum(t.numel() * t.element_size() for t in tensors)
-            if declared > _tensor_budget(_total_size(Path(req["path"]))):
+            if declared > _tensor_budget(req["size"]):  # the parent measured the file (and its shards)
                 # stride-0 or overlapping views: a few bytes of storage that would expand to gigabytes
                 raise CheckpointError(f"checkpoint's tensors declare {declared} bytes, far more than its file holds "
                                       "(overlapping views); refused")
@@ -135,23 +136,19 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
             for f in flat:
                 _send(out, f.view(torch.uint8).numpy().tobytes() if f.numel() else b"")
         except Exception as e:  # noqa: BLE001 - the address-space limit surfaces as whatever allocation failed
-            if not _out_of_memory(e):
-                _reply_error(out, e)
-            else:
-                gb = (req.get("memory") or 0) / (1 << 30)
-                _send(out, json.dumps({"ok": False, "kind": "LoadLimitError", "message":
-                                       f"checkpoint load exceeded {gb:.1f} GB of memory reading "
-                                       f"{req.get('name') or Path(req['path']).name} (refused)"}).encode())
+            _send(out, json.dumps({"ok": False, **_failure(e, req)}).encode())
         out.flush()
 
 
-def _reply_error(out, e: Exception) -> None:  # pragma: no cover - runs in the subprocess
+def _failure(e: Exception, req: dict) -> dict:  # pragma: no cover - runs in the subprocess
+    """The reply's error kind, message (and blocked imports) for a failed read."""
+    if _out_of_memory(e):
+        return {"kind": "LoadLimitError", "message": f"checkpoint load exceeded {req['memory'] / (1 << 30):.1f} GB "
+                f"of memory reading {req['name']} (refused)"}
     if isinstance(e, DecreeError):
-        _send(out, json.dumps({"ok": False, "kind": type(e).__name__, "message": str(e),
-                               "blocked": list(getattr(e, "blocked", []))}).encode())
-    else:  # any other failure of the loader is this checkpoint's error
-        _send(out, json.dumps({"ok": False, "kind": "CheckpointError",
-                               "message": f"loader failed: {type(e).__name__}: {str(e)[:300]}"}).encode())
+        return {"kind": type(e).__name__, "message": str(e), "blocked": list(getattr(e, "blocked", []))}
+    # any other failure of the loader is this checkpoint's error
+    return {"kind": "CheckpointError", "message": f"loader failed: {type(e).__name__}: {str(e)[:300]}"}
 
 
 # -- the parent -----------------------------------------------------------------------------------------
@@ -182,7 +179,6 @@ class ContainedReader:
             [sys.executable, "-c", "from decree.encoders.contained import _child; _child()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             preexec_fn=_no_core_dumps if os.name == "posix" else None)
-        self._baseline = 0
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -206,7 +202,8 @@ class ContainedReader:
         memory = max(self.min_memory, int(self.memory_factor * size))
         deadline = time.monotonic() + self.timeout
         shown = name or path.name
-        req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory, "name": shown}).encode()
+        req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory, "name": shown,
+                          "size": size}).encode()
         self._baseline = _rss(proc.pid) or 0  # the loader is idle between checkpoints: growth from here counts
         try:
             proc.stdin.write(_LEN.pack(len(req)) + req)
@@ -234,10 +231,7 @@ class ContainedReader:
         shape = meta.get("shape")
         if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise LoadLimitError(f"loader sent an invalid tensor header for {name}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes != meta.get("nbytes") or nbytes > _tensor_budget(file_size):
             raise LoadLimitError(f"loader sent an implausible tensor for {name}")
         data = self._frame(proc, deadline, memory, name, limit=nbytes)
