@@ -157,12 +157,13 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-# CLI parameter -> (JobConfig field, conversion); every other parameter is a JobConfig field of the same name
+# CLI parameter -> (JobConfig field, conversion(value, all parameters)); every other parameter is a JobConfig
+# field of the same name, passed as it is
 _CONVERTED = {
-    "sets": ("overrides", None),  # parsed against the profile below
-    "workers": ("num_workers", lambda v: v),
-    "max_checkpoint_size": ("max_checkpoint_bytes", lambda v: parse_size(v)),
-    "reference": ("references", lambda v: tuple(v or ())),
+    "sets": ("overrides", lambda v, p: parse_sets(v, p["profile"])),
+    "workers": ("num_workers", lambda v, p: v),
+    "max_checkpoint_size": ("max_checkpoint_bytes", lambda v, p: parse_size(v)),
+    "reference": ("references", lambda v, p: tuple(v or ())),
 }
 
 
@@ -177,8 +178,8 @@ def config_from_options(params: dict, skip=()) -> "JobConfig":
     for name, value in params.items():
         if name in skip or (name not in fields and name not in _CONVERTED):
             continue  # CLI-only options (--quiet) and the command's own local names
-        field, convert = _CONVERTED.get(name, (name, lambda v: v))
-        kwargs[field] = parse_sets(value, params["profile"]) if name == "sets" else convert(value)
+        field, convert = _CONVERTED.get(name, (name, lambda v, p: v))
+        kwargs[field] = convert(value, params)
     try:
         return JobConfig(**kwargs)
     except (TypeError, ValueError) as e:
