@@ -50,7 +50,7 @@ bench: bench-quality bench-scale
 # their build parameters under ZOOS; bench/README.md says which split each zoo belongs to and why.
 ZOOS       ?= $(HOME)/.cache/decree
 BENCH_ARGS ?= --zoo $(ZOOS)/zoo-tune --zoo $(ZOOS)/zoo-report --zoo $(ZOOS)/zoo-224 --zoo $(ZOOS)/zoo-cifar \
-              --zoo $(ZOOS)/zoo-cifar-tune \
+              --zoo $(ZOOS)/zoo-cifar-tune --zoo $(ZOOS)/zoo-clip-tune \
               --shadows all --paper-max-steps 200 --paper-max-size 64 --paper-skip-arch cifar/
 bench-zoos: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-tune --family image-on-image --family i2i-large --family i2i-global \
@@ -60,6 +60,7 @@ bench-zoos: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-224 --family i2i-224 --clean 4 --trojaned 4 --seed 1
 	$(BIN)/decree zoo build $(ZOOS)/zoo-cifar --family cifar-r18 --clean 4 --trojaned 5 --seed 1
 	$(BIN)/decree zoo build $(ZOOS)/zoo-cifar-tune --family cifar-r18 --clean 4 --trojaned 5 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-clip-tune --family clip --clean 6 --trojaned 8 --seed 0
 
 bench-quality: bench-zoos
 	$(BIN)/decree bench --out bench $(BENCH_ARGS)

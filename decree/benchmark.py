@@ -128,7 +128,10 @@ def zoo_hash(zoo_dir: str | Path) -> str:
 
 
 def config_hash(cfg: InversionConfig, device: str) -> str:
-    blob = json.dumps({"config": cfg.to_dict(), "device": device, "decree": __version__}, sort_keys=True, default=str)
+    config = cfg.to_dict()
+    if not config["screen_images"]:  # screen off: the same search as before the screen existed, the same hash
+        del config["screen_images"], config["screen_side"]
+    blob = json.dumps({"config": config, "device": device, "decree": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,9 @@ The mask m (H×W, shared over channels) and pattern p (3×H×W) live behind tanh
 (1-m)·x + m·p are normalized with the encoder's own preprocessing. The loss is the negative mean
 pairwise cosine similarity of the stamped embeddings (diagonal excluded) plus λ·‖m‖₁, λ adapted
 as in Neural Cleanse. R restarts share one forward pass: Adam is element-wise, so summing the
-restarts' losses optimizes them independently. `fast` keeps only the leading restart after `prune_at` steps
+restarts' losses optimizes them independently. In `fast` the last restart starts on the square that a
+forward-only screen found most collapsing (decree.screen): some backdoors answer only a pattern close to their own
+trigger, which no gradient from a random start reaches. `fast` keeps only the leading restart after `prune_at` steps
 (the others have had their chance to escape a bad start) and stops once its best mask is below
 `settle_fraction` × threshold: the best mask only shrinks, so "trojaned" can no longer change, and the PL1 it
 reports is then an upper bound.
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from . import screen
 from .encoders import Encoder
 from .errors import InversionError
 
@@ -51,6 +54,10 @@ class InversionConfig:
     settle_fraction: float | None = 0.5  # stop once best PL1 < this × threshold (0/None: never); PL1 is then an upper bound
     mask_init: str = "uniform"  # "uniform": every pixel at mask_init_value; "random": U(0,1) like the paper
     mask_init_value: float = 0.05
+    # The last restart starts on the square that a forward-only screen of this many shadow images found most
+    # collapsing (decree.screen: white/black/checkerboard, `screen_side` of the image side, 9 positions); 0: none.
+    screen_images: int = 16
+    screen_side: float = 0.25
     l1_channels: int = 1  # the paper sums the mask over 3 channels: λ then weighs 3× the area
     l1_per_area: bool = True  # λ weighs the area fraction (scale-free); the paper weighs the raw pixel sum
     early_stop_per_epoch: bool = False
@@ -116,6 +123,7 @@ PAPER = InversionConfig(
     l1_channels=3,
     l1_per_area=False,
     early_stop_per_epoch=True,
+    screen_images=0,  # the paper's random starts only
     blend_max_steps=None,  # the paper searches patches only
 )
 # ImageNet/CLIP-sized encoders in the paper: later lr drops, longer patience, lower λ floor.
@@ -210,6 +218,16 @@ def _init_params(cfg: InversionConfig, r: int, h: int, w: int, gen: torch.Genera
     return _unsquash(mask).to(device).requires_grad_(True), _unsquash(pattern).to(device).requires_grad_(True)
 
 
+def _seed_last_restart(encoder, shadow, cfg: InversionConfig, mask_p, pat_p, device) -> None:
+    """Start the last restart on the screen's most collapsing square (in place, before the optimizer sees it)."""
+    square, fill, _ = screen.best_square(encoder, shadow, side_fraction=cfg.screen_side, images=cfg.screen_images,
+                                         seed=cfg.seed + 2, autocast=lambda: _autocast(device, cfg.amp))
+    with torch.no_grad():
+        m, p = screen.seed_restart(_squash(mask_p[-1]), _squash(pat_p[-1]), square, fill)
+        mask_p[-1] = _unsquash(m)
+        pat_p[-1] = _unsquash(p)
+
+
 class _Lambda:
     """Per-restart adaptive λ with Neural Cleanse's counters (vectorized over restarts)."""
 
@@ -258,6 +276,8 @@ def invert(encoder: Encoder, shadow: torch.Tensor, config: InversionConfig | Non
     r = max(1, cfg.restarts)
     gen = torch.Generator().manual_seed(cfg.seed)
     mask_p, pat_p = _init_params(cfg, r, h, w, gen, device)
+    if cfg.trigger == "patch" and cfg.screen_images > 0 and r > 1:
+        _seed_last_restart(encoder, shadow, cfg, mask_p, pat_p, device)
     opt = torch.optim.Adam([mask_p, pat_p], lr=cfg.lr, betas=cfg.betas)
     lam = _Lambda(cfg, r, device)
     mh, mw = _mask_shape(cfg, h, w)

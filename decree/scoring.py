@@ -10,7 +10,7 @@ from .inversion import FAST, InversionResult
 # A trojaned encoder's inverted trigger covers a small fraction of the image; the paper decides with a
 # threshold on that fraction. Each profile carries its own (its τ changes how large a clean encoder's mask
 # gets): `fast` (τ 0.95) 0.03, below every clean encoder of the tune families (the smallest: tiny CLIP towers
-# at 0.035), `paper` (τ 0.99) 0.1, the common choice among re-implementations. How large a clean encoder's
+# at 0.035; the seed-0 CLIP family 0.040), `paper` (τ 0.99) 0.1, the common choice among re-implementations. How large a clean encoder's
 # natural trigger is depends on the architecture, the input size and the shadow set, which is why the fleet
 # verdict (decree.fleet) compares an encoder with its comparable peers instead of with one constant.
 DEFAULT_THRESHOLD = FAST.threshold
