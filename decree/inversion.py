@@ -73,6 +73,11 @@ class InversionConfig:
     blend_max_steps: int | None = None
     blend_threshold: float = 0.05
 
+    def __post_init__(self):
+        if self.screen_images < 0 or not 0 < self.screen_side <= 1:
+            raise ValueError(f"screen_images must be >= 0 (0: no screen) and screen_side in (0, 1], got "
+                             f"{self.screen_images!r} and {self.screen_side!r}")
+
     @classmethod
     def from_profile(cls, profile: str = "fast", **overrides) -> "InversionConfig":
         overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -1,5 +1,6 @@
 """The screen that seeds one restart: it finds a square trigger the gradient cannot see, and only adds a start."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -63,3 +64,9 @@ def test_paper_profile_and_single_restart_searches_are_not_seeded():
     one = invert(enc, shadow, InversionConfig.from_profile("fast", restarts=1, max_steps=5, min_steps=0, batch_size=8))
     off = invert(enc, shadow, InversionConfig.from_profile("fast", restarts=1, screen_images=0, max_steps=5, min_steps=0, batch_size=8))
     assert torch.equal(one.mask, off.mask)
+
+
+@pytest.mark.parametrize("bad", [{"screen_images": -3}, {"screen_side": 0.0}, {"screen_side": 1.5}])
+def test_screen_settings_out_of_range_are_refused_before_a_scan(bad):
+    with pytest.raises(ValueError, match="screen"):
+        InversionConfig.from_profile("fast", **bad)
