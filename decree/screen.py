@@ -7,8 +7,8 @@ the image). Solid and checkered squares are the common patch triggers (BadEncode
 so before the search this stamps white, black and checkerboard squares of a quarter of the image side at nine
 positions (corners, edge centres, centre) on a few shadow images, forward only, and starts the last restart from
 the square that made them embed most alike. The other restarts start as before, and the usual pruning keeps
-whichever restart found the smaller trigger, so a clean encoder's search is not steered: the seed only adds a
-start. Noise-pattern triggers are left to the gradient search.
+whichever restart found the smaller trigger (or collapsed more, if none reached τ yet). Noise-pattern triggers
+are left to the gradient search. SECURITY.md says what a decoy aimed at these public squares can do.
 """
 
 from __future__ import annotations
