@@ -228,7 +228,7 @@ def _seed_last_restart(encoder, shadow, cfg: InversionConfig, mask_p, pat_p, dev
     square, fill, _ = screen.best_square(encoder, shadow, side_fraction=cfg.screen_side, images=cfg.screen_images,
                                          seed=cfg.seed + 2, autocast=lambda: _autocast(device, cfg.amp))
     with torch.no_grad():
-        m, p = screen.seed_restart(_squash(mask_p[-1]), _squash(pat_p[-1]), square, fill)
+        m, p = screen.seed_restart(_squash(pat_p[-1]), square, fill)
         mask_p[-1] = _unsquash(m)
         pat_p[-1] = _unsquash(p)
 

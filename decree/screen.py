@@ -60,8 +60,9 @@ def best_square(encoder: Encoder, shadow: torch.Tensor, *, side_fraction: float,
     return masks[k], patterns[k], float(sims[k])
 
 
-def seed_restart(mask: torch.Tensor, pattern: torch.Tensor, square: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A restart's (mask (1,H,W), pattern (3,H,W)) in [0,1], started on `square` stamped with `fill`."""
+def seed_restart(pattern: torch.Tensor, square: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A restart's (mask (1,H,W), pattern (3,H,W)) in [0,1], started on `square` stamped with `fill`; the
+    pattern keeps its random start outside the square."""
     seeded_mask = square * SEED_MASK + (1 - square) * SEED_FLOOR
     seeded_pattern = torch.where(square.bool(), fill * 0.96 + 0.02, pattern)  # inside (0,1): tanh stays invertible
     return seeded_mask, seeded_pattern

@@ -1,4 +1,5 @@
-"""The screen that seeds one restart: it finds a square trigger the gradient cannot see, and only adds a start."""
+"""The screen that seeds one restart: it finds a square trigger the gradient cannot see; paper and one-restart
+searches stay unseeded, and out-of-range settings are refused."""
 
 import pytest
 import torch
