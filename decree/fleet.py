@@ -7,7 +7,11 @@ comparable encoders this computes Neural Cleanse's anomaly index of every score 
 z-score (median and MAD, scaled to σ) of log PL1, positive when the encoder needs a smaller trigger than its peers.
 Known-clean reference encoders (`--reference`, e.g. the publisher's original weights) anchor the group: with
 enough of them, the median and MAD come from them alone, so a fleet that is mostly trojaned cannot hide in its
-own statistics.
+own statistics. Without references, a group anchors on its *clean cluster*: trojans are only ever low outliers,
+so when the group's upper part (at least a third of it and at least `min_peers` encoders) sits well apart from
+everything below it, the median and MAD come from that upper part. A scan of a folder that is half trojaned
+(a benchmark family, an attacker's batch) then no longer drags the median into the trojans and inflates the MAD
+until nothing stands out (measured on the tune families: bench/README.md).
 
 Works on plain result rows (dicts), so the verdict can be re-derived from a results table without rescanning.
 """
@@ -28,6 +32,8 @@ _MAD_TO_SIGMA = 1.4826
 MIN_SPREAD = 0.1
 # score column -> its "reached τ" column: patch trigger area and whole-image blend weight, each against its peers
 SCORES = {"pl1_norm": "reached_tau", "blend_pl1": "blend_reached_tau"}
+CLUSTER_FRACTION = 1 / 3  # the clean cluster holds at least this share of the group (tolerates 2/3 trojaned)
+_CLUSTER_SAMPLE = 1024  # larger groups find their cluster's edge on this many evenly spaced order statistics
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class FleetConfig:
     min_peers: int = MIN_PEERS
     min_references: int = MIN_REFERENCES
     min_spread: float = MIN_SPREAD
+    cluster_fraction: float = CLUSTER_FRACTION  # 0 or above 1: no clean cluster, the whole group's median and MAD
 
 
 def group_key(row: dict) -> tuple:
@@ -58,11 +65,39 @@ def _median(values: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
+def _location_spread(population: list[float], min_spread: float) -> tuple[float, float]:
+    med = _median(population)
+    return med, max(_median([abs(v - med) for v in population]) * _MAD_TO_SIGMA, min_spread)
+
+
 def robust_index(value: float, population: list[float], min_spread: float = MIN_SPREAD) -> float:
     """(median - value) / (1.4826 · MAD): positive when `value` is below the population."""
-    med = _median(population)
-    mad = _median([abs(v - med) for v in population]) * _MAD_TO_SIGMA
-    return (med - value) / max(mad, min_spread)
+    med, spread = _location_spread(population, min_spread)
+    return (med - value) / spread
+
+
+def clean_cluster(population: list[float], config: FleetConfig = FleetConfig()) -> list[float]:
+    """The group's upper cluster of log scores, or the whole population when none stands apart.
+
+    The cluster is the smallest top part (at least `min_peers` and `cluster_fraction` of the group) whose next
+    lower score is an outlier against it (anomaly index above the cutoff): everything below is then judged
+    against the cluster alone. A smooth spread of clean scores has no such edge (the next score sits about one
+    spread below the median of the part above it), so an all-clean group keeps its own median and MAD."""
+    desc = sorted(population, reverse=True)
+    if not 0 < config.cluster_fraction <= 1:
+        return desc
+    smallest = max(config.min_peers, math.ceil(config.cluster_fraction * len(desc)), 1)
+    # Only searches that reached τ can form the cluster: "never reached" (log score 0) says nothing about how
+    # large the trigger is, and a few such encoders must not stand as a tight cluster above every real score.
+    found = [v for v in desc if v < 0.0]
+    n = len(found)
+    view = found if n <= _CLUSTER_SAMPLE else [found[round(i * (n - 1) / (_CLUSTER_SAMPLE - 1))] for i in range(_CLUSTER_SAMPLE)]
+    edge = None
+    for size in range(len(view) - 1, max(1, math.ceil(smallest * len(view) / max(n, 1))) - 1, -1):
+        med, spread = _location_spread(view[:size], config.min_spread)
+        if (med - view[size]) / spread > config.cutoff:
+            edge = view[size - 1]  # keep looking: a smaller top part still standing apart is the cleaner anchor
+    return [v for v in desc if v >= edge] if edge is not None else desc
 
 
 def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig = FleetConfig()) -> list[dict]:
@@ -80,22 +115,23 @@ def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig
     out = [dict(r) for r in rows]
     for members in groups.values():
         anchored = [i for i in members if rows[i].get("id") in refs or rows[i].get("uri") in refs]
-        basis = anchored if len(anchored) >= config.min_references else members
-        stats = _group_stats(rows, basis, config) if len(members) >= config.min_peers else {}
+        by_refs = len(anchored) >= config.min_references
+        basis = anchored if by_refs else members
+        stats = _group_stats(rows, basis, config, cluster=not by_refs) if len(members) >= config.min_peers else {}
         for i in members:
             out[i].update(_judge(rows[i], stats, len(members), config))
     return out
 
 
-def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig) -> dict[str, tuple[float, float]]:
-    """Per score column, the group's (median, spread), computed once per group: linear in the fleet."""
+def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig, cluster: bool) -> dict[str, tuple[float, float]]:
+    """Per score column, the group's (median, spread) from its references or its clean cluster, once per group."""
     stats = {}
     for column in SCORES:
         population = [v for j in basis if (v := log_score(rows[j], column)) is not None]
+        if cluster:
+            population = clean_cluster(population, config)
         if len(population) >= config.min_references:
-            med = _median(population)
-            mad = _median([abs(v - med) for v in population]) * _MAD_TO_SIGMA
-            stats[column] = (med, max(mad, config.min_spread))
+            stats[column] = _location_spread(population, config.min_spread)
     return stats
 
 

@@ -12,6 +12,7 @@ from .storage import S3Options
 
 # decree.fleet.DEFAULT_CUTOFF, spelled out so the CLI starts without importing torch (a test keeps them equal)
 DEFAULT_CUTOFF = 3.0
+DEFAULT_CLUSTER = 1 / 3  # decree.fleet.CLUSTER_FRACTION, likewise
 LOAD_TIMEOUT = 120.0  # decree.encoders.contained.LOAD_TIMEOUT, likewise
 DEFAULT_MAX_CHECKPOINT_BYTES = 16 << 30
 
@@ -57,6 +58,7 @@ class JobConfig:
     overrides: tuple[tuple[str, Any], ...] = ()
     references: tuple[str, ...] = ()  # ids or uris of known-clean encoders that anchor the fleet statistics
     fleet_cutoff: float = DEFAULT_CUTOFF  # anomaly index above which an encoder is an outlier among its peers
+    fleet_cluster: float = DEFAULT_CLUSTER  # least share of a group that can anchor it as its clean cluster (0: off)
 
     def __post_init__(self):
         if self.timeout <= 0 or self.startup_timeout <= 0 or not 0 < self.load_timeout < float("inf"):
@@ -75,6 +77,8 @@ class JobConfig:
             raise ValueError("max_checkpoint_bytes must be >= 1")
         if not self.fleet_cutoff > 0 or self.fleet_cutoff == float("inf"):
             raise ValueError("fleet_cutoff must be a finite number > 0")
+        if not 0 <= self.fleet_cluster <= 1:
+            raise ValueError("fleet_cluster must be within 0..1 (0: no clean cluster)")
 
     @property
     def s3(self) -> S3Options:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_CUTOFF
+from .config import DEFAULT_CLUSTER, DEFAULT_CUTOFF
 
 POSITIVE, NEGATIVE = "trojaned", "clean"
 
@@ -69,7 +69,8 @@ def _predict(row: dict[str, Any], threshold: float) -> bool:
 
 
 def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, references=(),
-            fleet_cutoff: float = DEFAULT_CUTOFF) -> tuple[list[dict[str, Any]], str, float]:
+            fleet_cutoff: float = DEFAULT_CUTOFF, fleet_cluster: float = DEFAULT_CLUSTER
+            ) -> tuple[list[dict[str, Any]], str, float]:
     """The verdicts re-derived from the table: each row's own thresholds (or `threshold` for the patch search),
     then the fleet statistics. Returns (rows, threshold source, the patch threshold in use)."""
     from decree.fleet import FleetConfig, assign
@@ -89,18 +90,20 @@ def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, referenc
 
             source, t = "default", DEFAULT_THRESHOLD
     # rows from before the patch_verdict column keep their verdict as the patch verdict (decree.fleet)
-    return assign(rows, references, FleetConfig(cutoff=fleet_cutoff)), source, t
+    return assign(rows, references, FleetConfig(cutoff=fleet_cutoff, cluster_fraction=fleet_cluster)), source, t
 
 
 def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float | None = None, top: int = 10,
-            references=(), fleet_cutoff: float = DEFAULT_CUTOFF) -> Report:
+            references=(), fleet_cutoff: float = DEFAULT_CUTOFF, fleet_cluster: float = DEFAULT_CLUSTER) -> Report:
     from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
     from decree.fleet import below_threshold
 
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
-    rows, source, t = rejudge(rows, threshold, references, fleet_cutoff)
+    if not 0 <= fleet_cluster <= 1:
+        raise ValueError(f"--fleet-cluster must be within 0..1, got {fleet_cluster}")
+    rows, source, t = rejudge(rows, threshold, references, fleet_cutoff, fleet_cluster)
     scanned = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
     flagged = [r.get("verdict") == POSITIVE for r in scanned]
     report = Report(

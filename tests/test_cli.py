@@ -156,6 +156,17 @@ def test_submit_carries_an_unlimited_size_and_the_load_timeout_to_the_cluster(fa
     assert calls[0].max_checkpoint_bytes is None and calls[0].load_timeout == 30.0
 
 
+def test_scan_and_submit_carry_the_fleet_cluster_setting_and_refuse_one_out_of_range(fake_job):
+    from decree_ray.cli.commands import scan_args
+
+    calls, _ = fake_job
+    assert runner.invoke(app, SCAN + ["--quiet", "--fleet-cluster", "0"]).exit_code == 0
+    cfg = job.JobConfig(source="s3://b/enc/", shadow="s3://b/shadow.npz", out="s3://b/out/", fleet_cluster=0.5)
+    assert runner.invoke(app, scan_args(cfg)[1:]).exit_code == 0
+    assert [c.fleet_cluster for c in calls] == [0.0, 0.5]
+    assert runner.invoke(app, SCAN + ["--quiet", "--fleet-cluster", "2"]).exit_code == 2
+
+
 @pytest.mark.parametrize("given", ["lots", "5XB", "0", "-1"])
 def test_an_unreadable_or_zero_max_checkpoint_size_exits_2_before_any_job_runs(fake_job, given):
     calls, _ = fake_job

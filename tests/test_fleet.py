@@ -119,3 +119,64 @@ def test_report_reads_tables_from_before_the_fleet_columns():
 def test_a_row_from_before_the_patch_verdict_column_keeps_its_trojaned_verdict():
     rows = clean_fleet() + [dict(row(99, 0.01, patch="trojaned"), patch_verdict=None)]
     assert {r["id"]: r["verdict"] for r in assign(rows)}["e99"] == "trojaned"
+
+
+def _half_trojaned_folder():
+    # a scan of a benchmark family's folder: 8 clean encoders and 8 trojans spread from 1% up to the clean edge
+    clean = [row(i, 0.27 + 0.01 * i, label="clean") for i in range(8)]
+    troj = [row(50 + i, pl1, label="trojaned") for i, pl1 in enumerate((0.015, 0.03, 0.04, 0.06, 0.09, 0.16, 0.17, 0.18))]
+    return clean, troj
+
+
+def test_a_half_trojaned_folder_is_judged_against_its_clean_cluster():
+    clean, troj = _half_trojaned_folder()
+    out = {r["id"]: r for r in assign(clean + troj)}
+    assert all(out[r["id"]]["verdict"] == "trojaned" for r in troj)
+    assert all(out[r["id"]]["verdict"] == "clean" for r in clean)
+    # without the cluster the trojans drag the median down and inflate the MAD: most hide in the group
+    plain = {r["id"]: r for r in assign(clean + troj, config=FleetConfig(cluster_fraction=0))}
+    assert sum(plain[r["id"]]["verdict"] == "trojaned" for r in troj) <= 3
+
+
+def test_an_all_clean_fleet_with_a_smooth_spread_keeps_its_own_median_and_flags_nobody():
+    # 40 clean encoders log-uniform over a factor of 2.5 (wider than any tune family's clean spread)
+    rows = [row(i, 0.12 * 2.5 ** (i / 39), label="clean") for i in range(40)]
+    assert all(r["verdict"] == "clean" for r in assign(rows))
+
+
+def test_a_few_encoders_far_above_the_rest_cannot_anchor_the_group():
+    # 4 encoders that never reach τ stand apart from 12 clean ones, but 4 is fewer than min_peers and a third
+    rows = clean_fleet(12) + [row(90 + i, 1.0, reached=False) for i in range(4)]
+    assert all(r["verdict"] == "clean" for r in assign(rows))
+
+
+def test_a_fleet_larger_than_the_cluster_sample_still_finds_its_clean_cluster():
+    clean = [row(i, 0.25 + 0.1 * (i % 97) / 97, label="clean") for i in range(2000)]
+    troj = [row(5000 + i, 0.02 + 0.0001 * i, label="trojaned") for i in range(1500)]
+    out = assign(clean + troj)
+    flagged = {r["id"] for r in out if r["verdict"] == "trojaned"}
+    assert flagged == {r["id"] for r in troj}
+
+
+def test_cli_default_cluster_fraction_is_the_cores():
+    from decree.fleet import CLUSTER_FRACTION
+    from decree_ray.config import DEFAULT_CLUSTER
+
+    assert DEFAULT_CLUSTER == CLUSTER_FRACTION
+
+
+def test_report_rederives_the_half_trojaned_folder_with_and_without_the_clean_cluster():
+    clean, troj = _half_trojaned_folder()
+    assert analyze(clean + troj).flagged == len(troj)
+    assert analyze(clean + troj, fleet_cluster=0.0).flagged <= 3
+    with pytest.raises(ValueError, match="fleet-cluster"):
+        analyze(clean + troj, fleet_cluster=1.5)
+
+
+def test_two_clean_kinds_far_apart_are_told_apart_by_references_not_by_the_cluster():
+    # the price of the clean cluster (README): 8 long-trained clean encoders at 0.30 and 10 short-trained at 0.15
+    rows = [row(i, 0.30 + 0.002 * i, label="clean") for i in range(8)]
+    rows += [row(20 + i, 0.15 + 0.002 * i, label="clean") for i in range(10)]
+    assert sum(r["verdict"] == "trojaned" for r in assign(rows)) == 10
+    refs = ["e0", "e1", "e20", "e21"]  # known-clean encoders of both kinds anchor the group instead
+    assert all(r["verdict"] == "clean" for r in assign(rows, references=refs))

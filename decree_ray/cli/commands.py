@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import DEFAULT_CUTOFF, LOAD_TIMEOUT
+from ..config import DEFAULT_CLUSTER, DEFAULT_CUTOFF, LOAD_TIMEOUT
 
 from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this module's interface
     EXIT_CLEAN,
@@ -27,6 +27,7 @@ from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this mo
     Arch,
     CpusPer,
     Endpoint,
+    FleetCluster,
     FleetCutoff,
     GpusPer,
     LocalCpus,
@@ -96,6 +97,7 @@ def scan(
     max_checkpoint_size: MaxSize = None,
     reference: References = None,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
+    fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
     quiet: Quiet = False,
 ) -> None:
     """Scan every encoder of SOURCE into OUT/results.parquet (resumable: finished encoders are not rescanned)."""
@@ -165,6 +167,8 @@ def scan_args(config) -> list[str]:
         args.append("--trust-sidecar-preprocessing")
     if config.fleet_cutoff != DEFAULT_CUTOFF:
         args += ["--fleet-cutoff", str(config.fleet_cutoff)]
+    if config.fleet_cluster != DEFAULT_CLUSTER:
+        args += ["--fleet-cluster", str(config.fleet_cluster)]
     for ref in config.references:
         args += ["--reference", ref]
     for key, value in config.overrides:
@@ -208,6 +212,7 @@ def submit(
     max_checkpoint_size: MaxSize = None,
     reference: References = None,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
+    fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
 ) -> None:
     """Run the same scan as a Ray Job on a cluster; prints the job id (follow it with `decree status`)."""
     config = config_from_options(locals(), skip=("working_dir", "pip", "env", "address"))
@@ -282,6 +287,7 @@ def report(
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     reference: References = None,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
+    fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
     html_out: Annotated[
         Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report here.")
     ] = None,
@@ -297,7 +303,7 @@ def report(
     try:
         rows = report_mod.load_rows(results, endpoint_url)
         rep = report_mod.analyze(rows, fpr=fpr, threshold=threshold, top=top, references=reference or (),
-                                 fleet_cutoff=fleet_cutoff)
+                                 fleet_cutoff=fleet_cutoff, fleet_cluster=fleet_cluster)
     except (OSError, ValueError, BotoCoreError, ClientError) as e:
         raise _fail(f"cannot analyze {results}: {e}") from None
     if plot is None:
@@ -308,7 +314,7 @@ def report(
         from .. import html_report
         from ..storage import S3Options
 
-        judged, _, _ = report_mod.rejudge(rows, threshold, reference or (), fleet_cutoff)
+        judged, _, _ = report_mod.rejudge(rows, threshold, reference or (), fleet_cutoff, fleet_cluster)
         html_report.write(html_out, judged, rep, options=S3Options(endpoint_url), cards=cards,
                           roc_png=plot.read_bytes() if rep.roc is not None and plot.is_file() else None)
         console.print(f"html report: {html_out}")

@@ -96,6 +96,13 @@ FleetCutoff = Annotated[
     float,
     typer.Option("--fleet-cutoff", min=0.1, help="Anomaly index above which an encoder is an outlier among its peers."),
 ]
+FleetCluster = Annotated[
+    float,
+    typer.Option("--fleet-cluster", min=0.0, max=1.0,
+                 help="Without references, a group's upper cluster of scores anchors its statistics when it holds at "
+                 "least this share of the group (and 6 encoders) and stands apart from the rest; 0: the whole "
+                 "group's median and MAD."),
+]
 Prefetch = Annotated[
     int,
     typer.Option(
