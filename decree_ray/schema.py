@@ -79,7 +79,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
         True,
         (
             "Robust z-score (median/MAD) of log PL1 (or log blend weight, whichever is higher) against comparable "
-            "encoders: same arch, image_size, shadow set and profile. Positive = smaller trigger than its peers."
+            "encoders (same arch, image_size, shadow set and profile): their references or, without references, "
+            "their clean cluster (README: Verdicts). Positive = smaller trigger than its peers."
         ),
     ),
     ("fleet_peers", pa.int64(), True, "How many comparable encoders the anomaly index was computed against."),
