@@ -42,7 +42,11 @@ class FleetConfig:
     min_peers: int = MIN_PEERS
     min_references: int = MIN_REFERENCES
     min_spread: float = MIN_SPREAD
-    cluster_fraction: float = CLUSTER_FRACTION  # 0 or above 1: no clean cluster, the whole group's median and MAD
+    cluster_fraction: float = CLUSTER_FRACTION  # 0: no clean cluster, the whole group's median and MAD
+
+    def __post_init__(self):
+        if not 0 <= self.cluster_fraction <= 1:
+            raise ValueError(f"cluster_fraction (--fleet-cluster) must be within 0..1, got {self.cluster_fraction!r}")
 
 
 def group_key(row: dict) -> tuple:
@@ -84,7 +88,7 @@ def clean_cluster(population: list[float], config: FleetConfig = FleetConfig()) 
     against the cluster alone. A smooth spread of clean scores has no such edge (the next score sits about one
     spread below the median of the part above it), so an all-clean group keeps its own median and MAD."""
     desc = sorted(population, reverse=True)
-    if not 0 < config.cluster_fraction <= 1:
+    if not config.cluster_fraction:
         return desc
     smallest = max(config.min_peers, math.ceil(config.cluster_fraction * len(desc)), 1)
     # Only searches that reached τ can form the cluster: "never reached" (log score 0) says nothing about how

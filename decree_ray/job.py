@@ -288,7 +288,8 @@ class _Job:
         """Fleet verdicts over the whole table (this run and earlier ones): outliers among comparable encoders."""
         from decree.fleet import FleetConfig, assign, below_threshold
 
-        rows = assign(rows, self.cfg.references, FleetConfig(cutoff=self.cfg.fleet_cutoff, cluster_fraction=self.cfg.fleet_cluster))
+        fleet = FleetConfig(cutoff=self.cfg.fleet_cutoff, cluster_fraction=self.cfg.fleet_cluster)
+        rows = assign(rows, self.cfg.references, fleet)
         flagged = [r for r in rows if r.get("verdict") == "trojaned"]
         self.summary.flagged = len(flagged)
         self.summary.fleet_outliers = sum(1 for r in flagged if not below_threshold(r))

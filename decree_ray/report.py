@@ -101,8 +101,6 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
 
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
-    if not 0 <= fleet_cluster <= 1:
-        raise ValueError(f"--fleet-cluster must be within 0..1, got {fleet_cluster}")
     rows, source, t = rejudge(rows, threshold, references, fleet_cutoff, fleet_cluster)
     scanned = [r for r in rows if r["status"] == "ok" and r.get("pl1_norm") is not None]
     flagged = [r.get("verdict") == POSITIVE for r in scanned]
