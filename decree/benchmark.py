@@ -439,6 +439,24 @@ def run_benchmark(zoo_dir, out_dir: str | Path = "bench", profiles=("fast", "pap
     return results
 
 
+def rejudge(out_dir: str | Path) -> dict:
+    """Re-derive the verdicts that come from the whole table (fleet and folder, decree.generalization) from
+    OUT/encoders.csv: no zoo, no scan. Rewrites results.json's `generalization` and GENERALIZATION.md."""
+    out = Path(out_dir)
+    rows = [_coerce(r) for r in _read_rows(out / "encoders.csv")]
+    if not rows:
+        raise FileNotFoundError(f"no rows in {out / 'encoders.csv'}: run the benchmark first")
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    from . import generalization
+
+    results["generalization"] = generalization.summarize(rows)
+    results_path.write_text(json.dumps(_finite(results), indent=1))
+    profiles = results.get("profiles_run") or sorted({r["profile"] for r in rows})
+    (out / "GENERALIZATION.md").write_text(generalization.markdown(results["generalization"], profiles))
+    return results
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 

@@ -84,8 +84,8 @@ def clean_cluster(population: list[float], config: FleetConfig = FleetConfig()) 
     """The group's upper cluster of log scores, or the whole population when none stands apart.
 
     The cluster is the smallest top part (at least `min_peers` and `cluster_fraction` of the group) whose next
-    lower score is an outlier against it (anomaly index above the cutoff): everything below is then judged
-    against the cluster alone. A smooth spread of clean scores has no such edge (the next score sits about one
+    lower score is an outlier against it (anomaly index above the cutoff) while its own lowest is not: everything
+    below is then judged against the cluster alone. A smooth spread of clean scores has no such edge (the next score sits about one
     spread below the median of the part above it), so an all-clean group keeps its own median and MAD."""
     desc = sorted(population, reverse=True)
     if not config.cluster_fraction:
@@ -99,17 +99,22 @@ def clean_cluster(population: list[float], config: FleetConfig = FleetConfig()) 
     edge = None
     for size in range(len(view) - 1, max(1, math.ceil(smallest * len(view) / max(n, 1))) - 1, -1):
         med, spread = _location_spread(view[:size], config.min_spread)
-        if (med - view[size]) / spread > config.cutoff:
+        # the next lower score is an outlier against the part, and the part holds no outlier of its own (else
+        # a part of 4 clean and 3 trojans would pass, its clean majority setting the median and the MAD)
+        if (med - view[size]) / spread > config.cutoff >= (med - view[size - 1]) / spread:
             edge = view[size - 1]  # keep looking: a smaller top part still standing apart is the cleaner anchor
     return [v for v in desc if v >= edge] if edge is not None else desc
 
 
 def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig = FleetConfig()) -> list[dict]:
-    """Return copies of `rows` with `anomaly_index`, `fleet_peers`, `verdict_basis` and the combined `verdict`.
+    """Return copies of `rows` with `anomaly_index`, `fleet_peers`, `verdict_basis`, `fleet_anchor` and the
+    combined `verdict`.
 
     Only ok rows are scored. A row's verdict is trojaned when its own absolute verdicts (patch or blend) say so,
     or, in a group of at least `min_peers` comparable encoders, when either score's anomaly index exceeds the
-    cutoff. References are matched by id or uri.
+    cutoff. In a group anchored by references or a clean cluster, an absolute verdict stands only for a score
+    below every anchor's: a known-clean or clustered peer that needs as small a trigger shows that the threshold
+    does not fit this architecture and shadow set. References are matched by id or uri.
     """
     refs = set(references)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -121,43 +126,63 @@ def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig
         anchored = [i for i in members if rows[i].get("id") in refs or rows[i].get("uri") in refs]
         by_refs = len(anchored) >= config.min_references
         basis = anchored if by_refs else members
-        stats = _group_stats(rows, basis, config, cluster=not by_refs) if len(members) >= config.min_peers else {}
+        stats = _group_stats(rows, basis, config, by_refs) if len(members) >= config.min_peers else {}
         for i in members:
             out[i].update(_judge(rows[i], stats, len(members), config))
     return out
 
 
-def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig, cluster: bool) -> dict[str, tuple[float, float]]:
-    """Per score column, the group's (median, spread) from its references or its clean cluster, once per group."""
+@dataclass(frozen=True)
+class _Stats:
+    median: float
+    spread: float
+    anchor: str  # "references", "cluster" (the group's clean cluster) or "group" (the whole group)
+    floor: float | None  # the anchor's lowest log score; None when the whole group is its own anchor
+
+
+def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig, by_refs: bool) -> dict[str, _Stats]:
+    """Per score column, the group's statistics from its references or its clean cluster, once per group."""
     stats = {}
     for column in SCORES:
         population = [v for j in basis if (v := log_score(rows[j], column)) is not None]
-        if cluster:
-            population = clean_cluster(population, config)
+        anchor = "references"
+        if not by_refs:
+            cluster = clean_cluster(population, config)
+            anchor = "cluster" if len(cluster) < len(population) else "group"
+            population = cluster
         if len(population) >= config.min_references:
-            stats[column] = _location_spread(population, config.min_spread)
+            med, spread = _location_spread(population, config.min_spread)
+            stats[column] = _Stats(med, spread, anchor, min(population) if anchor != "group" else None)
     return stats
 
 
 def below_threshold(row: dict) -> bool:
-    """Flagged by a search's own threshold (patch or blend), whatever the fleet says. A row from before the
-    patch_verdict column has its verdict as the patch search's."""
-    patch = row.get("patch_verdict") or row.get("verdict")
-    return patch == "trojaned" or row.get("blend_verdict") == "trojaned"
+    """Flagged by a search's own threshold (patch or blend), before the fleet weighs in."""
+    return any(_absolute(row, column) for column in SCORES)
 
 
-def _judge(row: dict, stats: dict[str, tuple[float, float]], peers: int, config: FleetConfig) -> dict:
-    absolute = below_threshold(row)
+def _absolute(row: dict, column: str) -> bool:
+    """The search's own verdict for one score column. A row from before the patch_verdict column has its
+    verdict as the patch search's."""
+    if column == "pl1_norm":
+        return (row.get("patch_verdict") or row.get("verdict")) == "trojaned"
+    return row.get("blend_verdict") == "trojaned"
+
+
+def _judge(row: dict, stats: dict[str, _Stats], peers: int, config: FleetConfig) -> dict:
     if peers < config.min_peers:
-        return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold",
-                "verdict": "trojaned" if absolute else "clean"}
-    best = None
-    for column, (med, spread) in stats.items():
-        mine = log_score(row, column)
-        if mine is None:
+        return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold", "fleet_anchor": None,
+                "verdict": "trojaned" if below_threshold(row) else "clean"}
+    best, flagged = None, False
+    for column in SCORES:
+        st, mine = stats.get(column), log_score(row, column)
+        if _absolute(row, column) and (st is None or st.floor is None or mine is None or mine < st.floor):
+            flagged = True
+        if st is None or mine is None:
             continue
-        index = (med - mine) / spread  # robust_index against the group, with its statistics computed once
+        index = (st.median - mine) / st.spread  # robust_index against the group, its statistics computed once
         best = index if best is None else max(best, index)
-    flagged = absolute or (best is not None and best > config.cutoff)
-    return {"anomaly_index": best, "fleet_peers": peers, "verdict_basis": "fleet",
+    flagged = flagged or (best is not None and best > config.cutoff)
+    anchor = stats["pl1_norm"].anchor if "pl1_norm" in stats else next((s.anchor for s in stats.values()), None)
+    return {"anomaly_index": best, "fleet_peers": peers, "verdict_basis": "fleet", "fleet_anchor": anchor,
             "verdict": "trojaned" if flagged else "clean"}

@@ -95,6 +95,7 @@ class JobSummary:
     trojaned: int = 0  # this run's rows flagged by their own thresholds
     flagged: int = 0  # rows of the final table whose verdict is trojaned (thresholds or fleet outliers)
     fleet_outliers: int = 0  # of those, flagged only as outliers among their peers
+    threshold_overruled: int = 0  # below a threshold but clean: their anchor's clean peers score as low
     scanned: int = 0  # scan calls actually made
     reused: int = 0  # rows copied from an identical checkpoint (this run or an earlier one), after its download
     reused_unchanged: int = 0  # rows of an earlier run kept for entries the listing says are unchanged: no download

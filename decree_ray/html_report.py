@@ -159,7 +159,8 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
     summary = [
         ("encoders", f"{rep.total}: " + ", ".join(f"{_e(k)} {v}" for k, v in sorted(status.items(), key=str))),
         ("verdicts", ", ".join(f"{_e(k)} {v}" for k, v in sorted(verdicts.items(), key=str)) or "-"),
-        ("flagged", f"<b class='bad'>{rep.flagged}</b> ({rep.fleet_outliers} as outliers among their peers only)"),
+        ("flagged", f"<b class='bad'>{rep.flagged}</b> ({rep.fleet_outliers} as outliers among their peers only; "
+                    f"{rep.threshold_overruled} below a threshold but cleared: clean anchor peers score as low)"),
         ("threshold", f"PL1 &lt; {rep.threshold:g} (from {_e(rep.threshold_source)})"),
         ("fleet", f"{rep.fleet_judged} judged against comparable peers; anomaly cutoff {rep.fleet_cutoff:g}; "
                   f"{rep.references} reference encoders"),
@@ -244,7 +245,8 @@ def _card(r: dict, options) -> str:
     facts = [
         ("verdict", f"<b class='{'bad' if flagged else ''}'>{_e(r.get('verdict'))}</b> ({_e(_why(r))})"),
         ("PL1", f"{_f(pl1)} ({margin})"),
-        ("anomaly index", _f(r.get("anomaly_index"), ".2f") + f" among {r.get('fleet_peers') or 0} peers"),
+        ("anomaly index", _f(r.get("anomaly_index"), ".2f") + f" among {r.get('fleet_peers') or 0} peers"
+                          + (f" (anchor: {_e(r['fleet_anchor'])})" if r.get("fleet_anchor") else "")),
         ("similarity reached", f"{_f(r.get('similarity'), '.3f')} (τ {'reached' if r.get('reached_tau') else 'not reached'})"),
     ]
     if r.get("blend_pl1") is not None:
@@ -262,6 +264,9 @@ def _why(r: dict) -> str:
     from decree.fleet import below_threshold
 
     if below_threshold(r):
+        if r.get("verdict") == "clean":
+            return (f"below its threshold, but its {r.get('fleet_anchor') or 'anchor'} of known or clustered clean "
+                    "peers scores as low: the threshold does not fit this group")
         return "below its threshold"
     if r.get("verdict") == "trojaned":
         return "an outlier among its peers"

@@ -293,6 +293,7 @@ class _Job:
         flagged = [r for r in rows if r.get("verdict") == "trojaned"]
         self.summary.flagged = len(flagged)
         self.summary.fleet_outliers = sum(1 for r in flagged if not below_threshold(r))
+        self.summary.threshold_overruled = sum(r.get("verdict") == "clean" and below_threshold(r) for r in rows)
         return rows
 
     def _stop_actors(self, ray) -> None:

@@ -44,6 +44,7 @@ class Report:
     fleet_cutoff: float = DEFAULT_CUTOFF
     fleet_judged: int = 0  # rows whose group had enough peers for a fleet statistic (verdict_basis fleet)
     fleet_outliers: int = 0  # flagged only as outliers among their peers, not by a threshold
+    threshold_overruled: int = 0  # below a threshold, judged clean: anchor peers (references, clean cluster) score as low
     references: int = 0  # reference encoders found among the rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
         fleet_cutoff=fleet_cutoff,
         fleet_judged=sum(r.get("verdict_basis") == "fleet" for r in scanned),
         fleet_outliers=sum(f and not below_threshold(r) for r, f in zip(scanned, flagged, strict=True)),
+        threshold_overruled=sum(not f and below_threshold(r) for r, f in zip(scanned, flagged, strict=True)),
         references=sum(1 for r in scanned if r.get("id") in set(references) or r.get("uri") in set(references)),
     )
     pl1 = np.array([r["pl1_norm"] for r in scanned], dtype=float)

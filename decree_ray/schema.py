@@ -55,7 +55,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
         True,
         (
             "The encoder's verdict, null unless ok: `trojaned` when the patch or the blend search flagged it at its "
-            "threshold, or (`verdict_basis` fleet) when its `anomaly_index` exceeds the fleet cutoff; else `clean`."
+            "threshold, or (`verdict_basis` fleet) when its `anomaly_index` exceeds the fleet cutoff; else `clean`. "
+            "In a group anchored by references or a clean cluster (`fleet_anchor`), a threshold flags only a score "
+            "below every anchor encoder's."
         ),
     ),
     ("patch_verdict", pa.string(), True, "Verdict of the patch search alone: reached_tau and pl1_norm < threshold."),
@@ -89,6 +91,15 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
         pa.string(),
         True,
         "`fleet` (enough peers: anomaly index and thresholds decided) or `threshold` (too few peers: thresholds only).",
+    ),
+    (
+        "fleet_anchor",
+        pa.string(),
+        True,
+        (
+            "What the fleet statistics came from: `references`, `cluster` (the group's clean cluster) or `group` "
+            "(the whole group: no references, no cluster stood apart); null with `verdict_basis` threshold."
+        ),
     ),
     ("scanned_at", pa.timestamp("us", tz="UTC"), False, "When this row was produced (UTC)."),
     ("decree_version", pa.string(), True, "Version of the `decree` core that produced the row."),
@@ -127,7 +138,7 @@ COLUMNS = [name for name, *_ in _COLUMNS]
 VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp",
                     "evidence_grid", "source_identity")
 # Columns derived from the whole table when it is compacted (decree.fleet), not by the scan of one encoder.
-FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis")
+FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis", "fleet_anchor")
 # Columns taken from a previous scan when an identical checkpoint is reported under another key.
 SCAN_COLUMNS = (
     "sha256",

@@ -297,6 +297,19 @@ def test_both_shadow_conditions_are_scanned_and_reported_per_split(tiny_zoo, tmp
     text = (tmp_path / "GENERALIZATION.md").read_text()
     assert "Report-only families" in text and "Shadow set: photos" in text
     assert res["n_clean"] + res["n_trojaned"] == 4  # RESULTS.md keeps the first condition only
+    # --rejudge re-derives the table-wide verdicts from encoders.csv alone: no zoo, no scan
+    from typer.testing import CliRunner
+
+    from decree_ray.cli import app
+
+    (tmp_path / "GENERALIZATION.md").unlink()
+    before = json.loads((tmp_path / "results.json").read_text())
+    out = CliRunner().invoke(app, ["bench", "--rejudge", "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert after["generalization"] == before["generalization"] and after["auc_fast"] == before["auc_fast"]
+    assert "Shadow set: photos" in (tmp_path / "GENERALIZATION.md").read_text()
+    assert CliRunner().invoke(app, ["bench", "--rejudge", "--out", str(tmp_path / "none")]).exit_code == 2
 
 
 def test_generalization_summary_counts_fleet_and_threshold_verdicts_and_buckets():

@@ -180,3 +180,42 @@ def test_two_clean_kinds_far_apart_are_told_apart_by_references_not_by_the_clust
     assert sum(r["verdict"] == "trojaned" for r in assign(rows)) == 10
     refs = ["e0", "e1", "e20", "e21"]  # known-clean encoders of both kinds anchor the group instead
     assert all(r["verdict"] == "clean" for r in assign(rows, references=refs))
+
+
+def _tower_fleet():
+    # CLIP towers of another base model: clean natural triggers at 2.7-3.2%, under the 0.03 threshold
+    clean = [row(i, pl1, arch="open_clip/t", label="clean", patch="trojaned" if pl1 < 0.03 else "clean")
+             for i, pl1 in enumerate((0.0273, 0.0284, 0.0287, 0.0289, 0.0299, 0.0316, 0.0305))]
+    troj = [row(50 + i, 0.0125 + 0.0004 * i, arch="open_clip/t", label="trojaned", patch="trojaned") for i in range(6)]
+    return clean, troj
+
+
+def test_a_threshold_does_not_flag_what_the_clean_cluster_itself_scores():
+    clean, troj = _tower_fleet()
+    out = {r["id"]: r for r in assign(clean + troj)}
+    assert all(out[r["id"]]["verdict"] == "trojaned" for r in troj)
+    assert all(out[r["id"]]["verdict"] == "clean" for r in clean)
+    assert {out[r["id"]]["fleet_anchor"] for r in clean + troj} == {"cluster"}
+    assert analyze(clean + troj).threshold_overruled == 5
+
+
+def test_with_references_a_threshold_still_flags_below_every_reference():
+    refs = [row(i, 0.020 + 0.001 * i, label="clean", patch="trojaned") for i in range(3)]
+    peers = clean_fleet(6, start=10)
+    just_below = row(99, 0.019, patch="trojaned")  # not an outlier against the references, but below all of them
+    at_reference_level = row(98, 0.0205, patch="trojaned")
+    out = {r["id"]: r for r in assign(refs + peers + [just_below, at_reference_level], references=["e0", "e1", "e2"])}
+    assert out["e99"]["anomaly_index"] < DEFAULT_CUTOFF and out["e99"]["verdict"] == "trojaned"
+    assert out["e98"]["verdict"] == "clean" and out["e98"]["fleet_anchor"] == "references"
+    assert all(out[f"e{i}"]["verdict"] == "clean" for i in range(3))
+
+
+def test_without_an_anchor_the_threshold_decides_as_before():
+    # half trojaned, 4 clean: no 6-encoder clean cluster, so every threshold verdict stands (the README demo)
+    clean = [row(i, 0.15 + 0.01 * i, label="clean") for i in range(4)]
+    troj = [row(50 + i, 0.014 + 0.0003 * i, label="trojaned", patch="trojaned") for i in range(4)]
+    out = {r["id"]: r for r in assign(clean + troj)}
+    assert {out[r["id"]]["fleet_anchor"] for r in clean + troj} == {"group"}
+    assert [out[r["id"]]["verdict"] for r in troj] == ["trojaned"] * 4
+    few = {r["id"]: r for r in assign(troj)}
+    assert {r["fleet_anchor"] for r in few.values()} == {None}

@@ -54,6 +54,9 @@ PaperSkipOpt = Annotated[
     str | None, typer.Option("--paper-skip-arch",
                              help="Comma-separated arch prefixes the paper profile skips (cost), e.g. cifar/.")
 ]
+RejudgeOpt = Annotated[bool, typer.Option(
+    "--rejudge", help="Only re-derive the fleet and folder verdicts (results.json's generalization, "
+                      "GENERALIZATION.md) from OUT/encoders.csv: no zoo, no scan.")]
 ProfileStepsOpt = Annotated[int, typer.Option("--profile-steps", min=0, help="Steps of the CPU profile (0: none).")]
 # Only for the default zoo (no --zoo, no DECREE_BENCH_ZOO), built into the cache folder.
 ZooCleanOpt = Annotated[int, typer.Option("--zoo-clean", min=0, help="When building: clean encoders per family.")]
@@ -131,6 +134,7 @@ def bench_command(
     zoo_trojaned: ZooTrojOpt = 8,
     zoo_seed: ZooSeedOpt = 0,
     zoo_quick: ZooQuickOpt = False,
+    rejudge: RejudgeOpt = False,
 ) -> None:
     """Benchmark DECREE on a zoo of labelled encoders: ROC-AUC, TPR@5%FPR and seconds per encoder, fast vs paper."""
     import torch
@@ -148,6 +152,16 @@ def bench_command(
     if bad:
         err_console.print(f"[red]error:[/] unknown families {bad}; choose from {', '.join(FAMILIES)}, clip")
         raise typer.Exit(2)
+    if rejudge:
+        from decree.benchmark import rejudge as rejudge_table
+
+        try:
+            rejudge_table(out)
+        except (OSError, ValueError, KeyError) as e:
+            err_console.print(f"[red]rejudge failed:[/] {e}")
+            raise typer.Exit(2) from None
+        console.print(f"re-derived {out}/results.json (generalization) and GENERALIZATION.md from encoders.csv")
+        return
     if threads is not None:
         torch.set_num_threads(threads)
     try:

@@ -120,6 +120,7 @@ def scan(
         "trojaned",
         "flagged",
         "fleet_outliers",
+        "threshold_overruled",
         "scanned",
         "reused",
         "reused_unchanged",
@@ -345,7 +346,8 @@ def _print_report(rep, plot: Path) -> None:
     summary.add_row(
         "fleet",
         f"{rep.fleet_judged} judged against comparable peers (anomaly cutoff {rep.fleet_cutoff:g}, "
-        f"{rep.references} references); {rep.fleet_outliers} flagged as outliers only",
+        f"{rep.references} references); {rep.fleet_outliers} flagged as outliers only, "
+        f"{rep.threshold_overruled} below a threshold but cleared by their anchor's peers",
     )
     if rep.quantiles:
         summary.add_row("PL1 quantiles", "  ".join(f"{k}={v:.4f}" for k, v in rep.quantiles.items()))
