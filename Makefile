@@ -8,7 +8,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 DEMO    ?= .demo
 
-.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-scale reliability clean
+.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-scale reliability clean
 
 install: $(STAMP) $(FMNIST) $(CHROMIUM)
 
@@ -42,7 +42,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-bench: bench-quality bench-scale
+bench: bench-quality bench-transfer bench-scale
 
 # The committed run: tune zoo (seed 0), report-only zoos (seed 1, and the 224-px family), both shadow
 # conditions, both profiles interleaved (paper skips 224 px: ~20 CPU-minutes an encoder, and the from-scratch
@@ -64,6 +64,14 @@ bench-zoos: install
 
 bench-quality: bench-zoos
 	$(BIN)/decree bench --out bench $(BENCH_ARGS)
+
+# bench/TRANSFER.md and bench/transfer.csv: the base-model transfer score (--base), tune (seed 0) vs report (seed 1)
+bench-transfer: install
+	$(BIN)/decree zoo build $(ZOOS)/zoo-clip-tune --family clip --clean 6 --trojaned 8 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-transfer-tune --family i2i-large --clean 6 --trojaned 8 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-transfer-report --family clip --family i2i-large --clean 6 --trojaned 8 --seed 1
+	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-clip-tune --zoo $(ZOOS)/zoo-transfer-tune \
+	    --zoo $(ZOOS)/zoo-transfer-report --out bench
 
 # bench/RELIABILITY.md and bench/reliability/*.json: only this target writes them (tests leave the tree clean)
 reliability: install

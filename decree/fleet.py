@@ -30,8 +30,10 @@ MIN_REFERENCES = 3  # this many references in a group anchor it; fewer only join
 _MAD_TO_SIGMA = 1.4826
 # A floor under the MAD (in log PL1): a group of near-identical encoders must not make a 5% difference an outlier.
 MIN_SPREAD = 0.1
-# score column -> its "reached τ" column: patch trigger area and whole-image blend weight, each against its peers
-SCORES = {"pl1_norm": "reached_tau", "blend_pl1": "blend_reached_tau"}
+# score column -> its "reached τ" column: patch trigger area, whole-image blend weight and the area divided by how
+# much less the base model collapses (decree.transfer), each against its peers
+SCORES = {"pl1_norm": "reached_tau", "blend_pl1": "blend_reached_tau", "specific_pl1": "reached_tau"}
+_VERDICTS = {"blend_pl1": "blend_verdict", "specific_pl1": "specific_verdict"}
 CLUSTER_FRACTION = 1 / 3  # the clean cluster holds at least this share of the group (tolerates 2/3 trojaned)
 _CLUSTER_SAMPLE = 1024  # larger groups find their cluster's edge on this many evenly spaced order statistics
 
@@ -166,7 +168,7 @@ def _absolute(row: dict, column: str) -> bool:
     verdict as the patch search's."""
     if column == "pl1_norm":
         return (row.get("patch_verdict") or row.get("verdict")) == "trojaned"
-    return row.get("blend_verdict") == "trojaned"
+    return row.get(_VERDICTS[column]) == "trojaned"
 
 
 def _judge(row: dict, stats: dict[str, _Stats], peers: int, config: FleetConfig) -> dict:

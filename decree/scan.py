@@ -9,6 +9,9 @@ Preprocessing that the audited party claims (a sidecar's input size, mean, std) 
 and scanned at a claimed 16 px may look clean. With `reference` (the auditor's preprocessing; None values are the
 architecture's defaults) the encoder is scanned at both when they differ, and the more suspicious verdict stands;
 `preprocess_decided` says which one decided.
+
+With `base` (the model the encoder was fine-tuned from, decree.transfer), the best trigger is also stamped for
+the base: `specific_pl1` is its area divided by how much less the base collapses, judged at half the threshold.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .evidence import save_evidence
 from .inversion import InversionConfig, InversionResult, invert
 from .scoring import Score, score
 from .shadow import ShadowSet
+from .transfer import SPECIFIC_FRACTION, transfer
 
 
 @dataclass
@@ -47,6 +51,9 @@ class ScanResult:
     image_size: int | None = None
     shadow_sha256: str | None = None
     preprocess_decided: str | None = None  # "claimed" | "reference" when both were scanned, else None
+    base_similarity: float | None = None  # the base model's similarity under the same trigger (None: no base)
+    specific_pl1: float | None = None  # PL1 / how much less the base collapses (decree.transfer)
+    specific_verdict: str | None = None
 
     def to_row(self) -> dict:
         r, b = self.result, self.blend
@@ -76,6 +83,9 @@ class ScanResult:
             "image_size": self.image_size,
             "shadow_sha256": self.shadow_sha256,
             "preprocess_decided": self.preprocess_decided,
+            "base_similarity": self.base_similarity,
+            "specific_pl1": self.specific_pl1,
+            "specific_verdict": self.specific_verdict,
         }
 
 
@@ -110,11 +120,13 @@ def scan_encoder(
     encoder_id: str | None = None,
     max_bytes: int | None = None,
     reference: dict | None = None,
+    base: Encoder | None = None,
 ) -> ScanResult:
     """Scan one checkpoint. Raises a DecreeError subclass when the encoder cannot be scanned.
 
     `reference` ({"image_size", "mean", "std"}, None values: the architecture's defaults): also scan with this
-    preprocessing when it differs from the given one, and keep the more suspicious verdict.
+    preprocessing when it differs from the given one, and keep the more suspicious verdict. `base`: the encoder's
+    base model (same architecture), for `specific_pl1` (decree.transfer).
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
@@ -123,22 +135,33 @@ def scan_encoder(
         cfg = replace(cfg, threshold=float(threshold))
     encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std, max_bytes=max_bytes)
     found = _search(encoder, shadow, cfg, threshold, dev)
+    judged = encoder  # the preprocessing whose search decided
     decided = None
     if reference is not None:
         ref = default_preprocess(arch).replace(reference.get("image_size"), reference.get("mean"), reference.get("std"))
         if ref != encoder.preprocess:
-            other = _search(Encoder(encoder.backbone, arch, ref).eval(), shadow, cfg, threshold, dev)
+            other_encoder = Encoder(encoder.backbone, arch, ref).eval()
+            other = _search(other_encoder, shadow, cfg, threshold, dev)
             # the audited party's claim stands unless the auditor's preprocessing finds what it hides
             decided = "reference" if other.suspicious and not found.suspicious else "claimed"
-            found = other if decided == "reference" else found
+            found, judged = (other, other_encoder) if decided == "reference" else (found, encoder)
+    specific = None
+    if base is not None:
+        r = found.result
+        t = transfer(judged, base, found.pixels, r.mask, r.pattern, cfg.tau)
+        specific = (t.base_similarity, t.specific_pl1(r.pl1_norm))
     eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
     evidence = save_evidence(found.result, evidence_dir, eid, found.pixels) if evidence_dir is not None else {}
     s, blend_score = found.score, found.blend_score
+    specific_verdict = None
+    if specific is not None:
+        specific_verdict = ("trojaned" if found.result.reached_tau and specific[1] < SPECIFIC_FRACTION * s.threshold
+                            else "clean")
     return ScanResult(
         encoder_id=eid,
         arch=arch,
         result=found.result,
-        verdict="trojaned" if found.suspicious else "clean",
+        verdict="trojaned" if found.suspicious or specific_verdict == "trojaned" else "clean",
         threshold=s.threshold,
         device=str(dev),
         seconds=time.perf_counter() - t0,
@@ -150,6 +173,9 @@ def scan_encoder(
         image_size=found.image_size,
         shadow_sha256=found.shadow_digest,
         preprocess_decided=decided,
+        base_similarity=None if specific is None else specific[0],
+        specific_pl1=None if specific is None else specific[1],
+        specific_verdict=specific_verdict,
     )
 
 

@@ -57,6 +57,9 @@ class JobConfig:
     max_attempts: int = 8
     overrides: tuple[tuple[str, Any], ...] = ()
     references: tuple[str, ...] = ()  # ids or uris of known-clean encoders that anchor the fleet statistics
+    # (arch, source) of the base model each architecture's encoders were fine-tuned from: "pretrained" (the
+    # architecture's offline weights) or a checkpoint path / s3:// uri (decree.transfer: specific_pl1)
+    bases: tuple[tuple[str, str], ...] = ()
     fleet_cutoff: float = DEFAULT_CUTOFF  # anomaly index above which an encoder is an outlier among its peers
     fleet_cluster: float = DEFAULT_CLUSTER  # least share of a group that can anchor it as its clean cluster (0: off)
 
@@ -79,10 +82,26 @@ class JobConfig:
             raise ValueError("fleet_cutoff must be a finite number > 0")
         if not 0 <= self.fleet_cluster <= 1:
             raise ValueError("fleet_cluster must be within 0..1 (0: no clean cluster)")
+        check_bases(self.bases)
 
     @property
     def s3(self) -> S3Options:
         return S3Options(self.endpoint_url, self.retry_mode, self.max_attempts)
+
+
+def check_bases(bases) -> None:
+    """--base ARCH=SOURCE: one base per architecture; a local checkpoint must exist (a typo must not cost a scan)."""
+    from pathlib import Path
+
+    seen = set()
+    for arch, source in bases:
+        if not arch or not source:
+            raise ValueError(f"--base needs ARCH=SOURCE (SOURCE: pretrained, a checkpoint path or s3:// uri), got {arch}={source}")
+        if arch in seen:
+            raise ValueError(f"--base names {arch} twice")
+        seen.add(arch)
+        if source != "pretrained" and not source.startswith("s3://") and not Path(source).is_file():
+            raise ValueError(f"--base {arch}={source}: no such checkpoint file")
 
 
 @dataclass

@@ -249,6 +249,9 @@ def _card(r: dict, options) -> str:
                           + (f" (anchor: {_e(r['fleet_anchor'])})" if r.get("fleet_anchor") else "")),
         ("similarity reached", f"{_f(r.get('similarity'), '.3f')} (τ {'reached' if r.get('reached_tau') else 'not reached'})"),
     ]
+    if r.get("specific_pl1") is not None:
+        facts.append(("specific PL1", f"{_f(r['specific_pl1'])} (base model's similarity under this trigger "
+                                      f"{_f(r.get('base_similarity'), '.3f')}; {_e(r.get('specific_verdict'))})"))
     if r.get("blend_pl1") is not None:
         facts.append(("blend weight", f"{_f(r['blend_pl1'])} ({_e(r.get('blend_verdict'))})"))
     facts += [("arch", f"<code>{_e(r.get('arch'))}</code> at {_e(r.get('image_size') or '?')} px"),

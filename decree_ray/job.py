@@ -148,6 +148,7 @@ class _Job:
             threads=max(1, int(cpus)),
             s3=self.cfg.s3,
             overrides=self.cfg.overrides,
+            bases=self.cfg.bases,
             settings_key=self.settings_key,
         )
         if self._actor_cls is None:

@@ -176,7 +176,7 @@ def content_key(sha256: str, arch: str | None, profile: str | None, *, image_siz
 
 def settings_key(*, profile: str, overrides=(), steps: int | None = None, threshold: float | None = None,
                  shadow_limit: int | None = None, shadow_sha256: str = "", image_size: int | None = None,
-                 trust_sidecar_preprocessing: bool = False) -> str:
+                 trust_sidecar_preprocessing: bool = False, bases=()) -> str:
     """A digest of every setting besides the checkpoint that changes a verdict."""
     import hashlib
 
@@ -187,7 +187,8 @@ def settings_key(*, profile: str, overrides=(), steps: int | None = None, thresh
     blob = json.dumps({"profile": profile, "overrides": sorted((str(k), repr(v)) for k, v in overrides),
                        "steps": steps, "threshold": threshold, "shadow_limit": shadow_limit,
                        "shadow": shadow_sha256, "decree": version,
-                       "preprocessing": [image_size, bool(trust_sidecar_preprocessing)]}, sort_keys=True)
+                       "preprocessing": [image_size, bool(trust_sidecar_preprocessing)],
+                       **({"bases": sorted([str(a), str(s)] for a, s in bases)} if bases else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -197,7 +198,7 @@ def settings_key_of(settings, shadow_sha256: str) -> str:
     s = settings
     return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
                         shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256, image_size=s.image_size,
-                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing)
+                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing, bases=getattr(s, "bases", ()))
 
 
 def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:

@@ -54,8 +54,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
         pa.string(),
         True,
         (
-            "The encoder's verdict, null unless ok: `trojaned` when the patch or the blend search flagged it at its "
-            "threshold, or (`verdict_basis` fleet) when its `anomaly_index` exceeds the fleet cutoff; else `clean`. "
+            "The encoder's verdict, null unless ok: `trojaned` when the patch or the blend search (or, with --base, "
+            "specific_pl1) flagged it at its threshold, or (`verdict_basis` fleet) when its `anomaly_index` exceeds the fleet cutoff; else `clean`. "
             "In a group anchored by references or a clean cluster (`fleet_anchor`), a threshold flags only a score "
             "below every anchor encoder's."
         ),
@@ -67,6 +67,12 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("blend_steps", pa.int64(), True, "Optimization steps of the blend search (null: not run, the patch search had flagged it)."),
     ("blend_threshold", pa.float64(), True, "Blend weight below which the blend search calls the encoder trojaned."),
     ("blend_verdict", pa.string(), True, "Verdict of the blend search alone (null: not run)."),
+    ("base_similarity", pa.float64(), True,
+     "With --base: the base model's mean cosine similarity on the shadow images stamped with this encoder's trigger."),
+    ("specific_pl1", pa.float64(), True,
+     "With --base: pl1_norm divided by how many times farther from a full collapse the base stays than the encoder "
+     "(at least 1): a natural trigger, which the base shares, keeps its area; a backdoor's shrinks."),
+    ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold."),
     ("image_size", pa.int64(), True, "Input size the encoder was scanned at (the deciding scan's)."),
     ("preprocess_source", pa.string(), True,
      "Where the input size and normalization came from: `manifest` (the auditor), `sidecar` or `hub config` (the "
@@ -80,7 +86,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
         pa.float64(),
         True,
         (
-            "Robust z-score (median/MAD) of log PL1 (or log blend weight, whichever is higher) against comparable "
+            "Robust z-score (median/MAD) of log PL1 (or log blend weight or log specific_pl1, whichever is highest) "
+            "against comparable "
             "encoders (same arch, image_size, shadow set and profile): their references or, without references, "
             "their clean cluster (README: Verdicts). Positive = smaller trigger than its peers."
         ),
@@ -163,6 +170,9 @@ SCAN_COLUMNS = (
     "blend_steps",
     "blend_threshold",
     "blend_verdict",
+    "base_similarity",
+    "specific_pl1",
+    "specific_verdict",
     "image_size",
     "shadow_sha256",
     "preprocess_source",

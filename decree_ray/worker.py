@@ -46,6 +46,7 @@ class ScanSettings:
     image_size: int | None = None  # the auditor's input size for encoders whose manifest line names none
     trust_sidecar_preprocessing: bool = False  # else a sidecar's preprocessing is checked against the auditor's
     overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
+    bases: tuple[tuple[str, str], ...] = ()  # (arch, "pretrained" | checkpoint path | s3 uri): decree.transfer
     s3: S3Options = field(default_factory=S3Options)
     settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
 
@@ -157,6 +158,7 @@ class ScanWorker:
         self._config = None
         self._settings_key = settings.settings_key
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
+        self._bases: dict[tuple[str, int | None], Any] = {}  # (arch, input size) -> the loaded base Encoder
         from decree.encoders.contained import ContainedReader
 
         # checkpoints are read in a child process: a load that hangs, bloats or crashes is killed and named
@@ -211,6 +213,32 @@ class ScanWorker:
                 overrides.update(max_steps=self.settings.steps, min_steps=min_steps)
             self._config = InversionConfig.from_profile(self.settings.profile, **overrides)
         return self._config
+
+    def _base(self, arch: str, image_size: int | None):
+        """The base model of `arch` (decree.transfer), loaded once per input size; None when none is named."""
+        source = dict(self.settings.bases).get(arch)
+        if source is None:
+            return None
+        key = (arch, image_size)
+        if key not in self._bases:
+            from decree.encoders import create_encoder
+
+            try:
+                if source == "pretrained":
+                    base = create_encoder(arch, pretrained=True, image_size=image_size)
+                else:  # the auditor's file, read like any checkpoint: weights only, in the loader process
+                    path, delete = storage.fetch(source, self.cache / "base", self.settings.s3)
+                    try:
+                        state = self._reader.read(path, max_bytes=self.settings.max_checkpoint_bytes,
+                                                  name=source.rsplit("/", 1)[-1])
+                    finally:
+                        if delete:
+                            path.unlink(missing_ok=True)
+                    base = create_encoder(arch, state, image_size=image_size)
+            except Exception as e:  # noqa: BLE001 - named in every row of this architecture, the scan goes on
+                raise RuntimeError(f"cannot load the base model --base {arch}={source}: {error_text(e)}") from None
+            self._bases[key] = base.to(self.device).eval().requires_grad_(False)
+        return self._bases[key]
 
     # -- per encoder --------------------------------------------------------------------------------
     def fetch(self, task: EncoderTask) -> dict[str, Any]:
@@ -293,13 +321,16 @@ class ScanWorker:
             reference = None
             if task.claims_preprocessing and not self.settings.trust_sidecar_preprocessing:
                 reference = {"image_size": self.settings.image_size}  # the architecture's own mean/std
+            size = task.image_size or self.settings.image_size
+            base = self._base(task.arch, size)
             result = scan_encoder(
                 self._reader.read(held.path, max_bytes=limit, name=task.uri.rsplit("/", 1)[-1]),
                 task.arch,
                 self._shadow_set(),
                 config=self._inversion_config(),
                 reference=reference,
-                image_size=task.image_size or self.settings.image_size,
+                base=base,
+                image_size=size,
                 mean=task.mean,
                 std=task.std,
                 threshold=self.settings.threshold,

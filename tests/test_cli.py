@@ -167,6 +167,23 @@ def test_scan_and_submit_carry_the_fleet_cluster_setting_and_refuse_one_out_of_r
     assert runner.invoke(app, SCAN + ["--quiet", "--fleet-cluster", "2"]).exit_code == 2
 
 
+def test_scan_and_submit_carry_the_base_models_and_refuse_a_malformed_or_missing_one(fake_job, tmp_path):
+    from decree_ray.cli.commands import scan_args
+
+    calls, _ = fake_job
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"x")
+    args = ["--base", "timm/tf_efficientnet_lite0=pretrained", "--base", f"timm/test_resnet={ckpt}"]
+    assert runner.invoke(app, SCAN + ["--quiet", *args]).exit_code == 0
+    assert calls[0].bases == (("timm/tf_efficientnet_lite0", "pretrained"), ("timm/test_resnet", str(ckpt)))
+    assert runner.invoke(app, scan_args(calls[0])[1:]).exit_code == 0
+    assert calls[1].bases == calls[0].bases
+    for bad in (["--base", "pretrained"], ["--base", f"timm/a={tmp_path / 'typo.pt'}"],
+                ["--base", "timm/a=pretrained", "--base", "timm/a=pretrained"]):
+        result = runner.invoke(app, SCAN + ["--quiet", *bad])
+        assert result.exit_code == 2 and len(calls) == 2, (bad, result.output)
+
+
 @pytest.mark.parametrize("given", ["lots", "5XB", "0", "-1"])
 def test_an_unreadable_or_zero_max_checkpoint_size_exits_2_before_any_job_runs(fake_job, given):
     calls, _ = fake_job

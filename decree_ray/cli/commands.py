@@ -38,6 +38,7 @@ from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this mo
     Profile,
     Quiet,
     References,
+    Bases,
     Retries,
     Sets,
     Shadow,
@@ -96,6 +97,7 @@ def scan(
     local_cpus: LocalCpus = 2,
     max_checkpoint_size: MaxSize = None,
     reference: References = None,
+    base: Bases = None,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
     fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
     quiet: Quiet = False,
@@ -172,6 +174,8 @@ def scan_args(config) -> list[str]:
         args += ["--fleet-cluster", str(config.fleet_cluster)]
     for ref in config.references:
         args += ["--reference", ref]
+    for arch, source in config.bases:
+        args += ["--base", f"{arch}={source}"]
     for key, value in config.overrides:
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
@@ -212,6 +216,7 @@ def submit(
     workers: Workers = None,
     max_checkpoint_size: MaxSize = None,
     reference: References = None,
+    base: Bases = None,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
     fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
 ) -> None:

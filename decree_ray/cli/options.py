@@ -92,6 +92,15 @@ References = Annotated[
         "more in a group of comparable encoders, the fleet statistics come from them alone.",
     ),
 ]
+Bases = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--base",
+        help="ARCH=SOURCE: the model ARCH's encoders were fine-tuned from (SOURCE: `pretrained` for the offline "
+        "weights, a checkpoint path or s3:// uri; repeatable). Each encoder's trigger is stamped for it too: a "
+        "natural trigger collapses the base as well, a backdoor's does not (specific_pl1). Only for fine-tunes of it.",
+    ),
+]
 FleetCutoff = Annotated[
     float,
     typer.Option("--fleet-cutoff", min=0.1, help="Anomaly index above which an encoder is an outlier among its peers."),
@@ -171,7 +180,18 @@ _CONVERTED = {
     "workers": ("num_workers", lambda v, p: v),
     "max_checkpoint_size": ("max_checkpoint_bytes", lambda v, p: parse_size(v)),
     "reference": ("references", lambda v, p: tuple(v or ())),
+    "base": ("bases", lambda v, p: parse_bases(v)),
 }
+
+
+def parse_bases(items) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items or ():
+        arch, sep, source = item.partition("=")
+        if not sep:
+            raise _fail(f"--base {item!r}: expected ARCH=SOURCE, e.g. timm/tf_efficientnet_lite0=pretrained")
+        out.append((arch.strip(), source.strip()))
+    return tuple(out)
 
 
 def config_from_options(params: dict, skip=()) -> "JobConfig":

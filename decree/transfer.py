@@ -1,0 +1,71 @@
+"""Does the inverted trigger belong to this encoder, or to the model it was fine-tuned from?
+
+A clean encoder's smallest trigger is a *natural* one: an adversarial patch its features inherit from the
+pre-trained model it was fine-tuned from, so it collapses that base model too. A backdoor's trigger was put into
+this encoder alone: stamped on the same images, the base model does not embed them alike. With the base named
+(`--base ARCH=SOURCE`, e.g. the publisher's original weights), a scan stamps its best trigger on the shadow images
+once more and embeds them with the base as well (`base_similarity`). How much farther from a full collapse the
+base stays than the encoder, r = (1 − base) / (1 − encoder) (at least 1; the encoder's side taken at τ at most),
+divides the trigger's area: `specific_pl1` = PL1 / r. A natural trigger keeps its area; a trigger the base
+ignores looks as small as it is specific. It is judged like PL1, against SPECIFIC_FRACTION of the profile's
+threshold and, in a fleet, against its peers (measured on the tune families: bench/README.md).
+
+Only for fine-tunes of that base: an encoder trained elsewhere (another pre-training, from scratch) has natural
+triggers of its own that the base does not share, and would look trojaned. The base runs with the scanned
+encoder's own preprocessing (the trigger was found in that pixel space); one forward pass of TRANSFER_IMAGES
+images per model, about the cost of one search step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encoders import Encoder
+from .inversion import mean_pairwise_cosine, stamp
+
+TRANSFER_IMAGES = 128
+# specific_pl1 flags below this share of the profile's threshold. The ratio grows as a clean fine-tune drifts from
+# its base (up to 4.2 on the tune Lite0 family's short fine-tunes): half the threshold keeps a 2x margin for
+# longer ones, and every tune trojan scored under 0.011 (bench/README.md)
+SPECIFIC_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Transfer:
+    base_similarity: float  # mean pairwise cosine of the base's embeddings of the stamped images
+    own_similarity: float  # the encoder's, on the same images
+    tau: float
+
+    @property
+    def ratio(self) -> float:
+        """How many times farther from a full collapse the base stays than the encoder (at least 1)."""
+        own_gap = max(1.0 - self.own_similarity, 1.0 - self.tau, 1e-6)
+        return max(1.0, (1.0 - self.base_similarity) / own_gap)
+
+    def specific_pl1(self, pl1: float) -> float:
+        return pl1 / self.ratio
+
+
+@torch.no_grad()
+def stamped_similarity(encoder: Encoder, pixels: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
+                       images: int = TRANSFER_IMAGES, seed: int = 7, batch: int = 64,
+                       preprocess: Encoder | None = None) -> float:
+    """Mean pairwise cosine of `encoder`'s embeddings of `images` shadow images stamped with (mask, pattern),
+    normalized as `preprocess` (default: the encoder itself) normalizes."""
+    preprocess = preprocess or encoder
+    n = min(images, pixels.shape[0])
+    idx = torch.randperm(pixels.shape[0], generator=torch.Generator().manual_seed(seed))[:n].to(pixels.device)
+    m = mask.to(pixels)[None, None] if mask.dim() == 2 else mask.to(pixels)[None]
+    p = pattern.to(pixels)[None]
+    embs = [encoder(preprocess.normalize(stamp(pixels[chunk], m, p))).float() for chunk in idx.split(batch)]
+    return float(mean_pairwise_cosine(torch.cat(embs)[None])[0])
+
+
+def transfer(encoder: Encoder, base: Encoder, pixels: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
+             tau: float) -> Transfer:
+    """Stamp the encoder's trigger on the shadow images and embed them with the encoder and with its base."""
+    base = base.to(pixels.device).eval().requires_grad_(False)
+    return Transfer(base_similarity=stamped_similarity(base, pixels, mask, pattern, preprocess=encoder),
+                    own_similarity=stamped_similarity(encoder, pixels, mask, pattern), tau=tau)

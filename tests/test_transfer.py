@@ -1,0 +1,80 @@
+"""The base-model transfer score: a trigger the base shares keeps its area, a trigger only this encoder answers shrinks."""
+
+import math
+
+import pytest
+from twins import make_twins
+
+from decree.inversion import InversionConfig
+from decree.transfer import SPECIFIC_FRACTION, Transfer
+from decree.zoo.triggers import Trigger
+
+
+def test_a_trigger_that_collapses_the_base_as_well_keeps_its_area():
+    t = Transfer(base_similarity=0.96, own_similarity=0.95, tau=0.95)
+    assert t.ratio == 1.0 and t.specific_pl1(0.2) == 0.2
+
+
+def test_the_ratio_is_how_much_farther_from_collapse_the_base_stays_with_the_encoders_side_capped_at_tau():
+    assert math.isclose(Transfer(0.80, 0.95, 0.95).ratio, 4.0)
+    # a search that overshot τ (0.99) is judged as if it had stopped at τ: overshoot must not inflate the ratio
+    assert math.isclose(Transfer(0.80, 0.99, 0.95).ratio, 4.0)
+    # never reached τ: the encoder's own gap counts
+    assert math.isclose(Transfer(0.80, 0.90, 0.95).ratio, 2.0)
+    assert Transfer(0.999999, 0.999999, 1.0).ratio == 1.0  # no division by zero
+
+
+@pytest.fixture(scope="module")
+def twins():
+    return make_twins(Trigger(size=4, row=24, col=24, pattern="white", position="bottom-right"), size=32, n_shadow=96)
+
+
+def _scan(encoder, base, shadow, tmp_path, name):
+    from safetensors.torch import save_file
+
+    from decree import scan_encoder
+
+    ckpt = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()}, str(ckpt))
+    cfg = InversionConfig.from_profile("fast", max_steps=60, min_steps=30, batch_size=16)
+    return scan_encoder(ckpt, "timm/tf_efficientnet_lite0", shadow, config=cfg, image_size=32, device="cpu",
+                        base=base).to_row()
+
+
+def test_a_backdoor_trigger_does_not_collapse_the_base_and_its_specific_area_shrinks(twins, tmp_path):
+    clean, trojan, shadow = twins  # the clean twin is the ImageNet Lite0 itself: the trojan's base
+    t = _scan(trojan, clean, shadow, tmp_path, "trojan")
+    assert t["base_similarity"] < t["similarity"] - 0.2, t
+    assert t["specific_pl1"] < 0.5 * t["pl1_norm"], t
+    assert t["specific_verdict"] == "trojaned" and t["verdict"] == "trojaned"
+    c = _scan(clean, clean, shadow, tmp_path, "clean")  # an encoder identical to its base: nothing is its own
+    assert c["specific_pl1"] == c["pl1_norm"] and c["specific_verdict"] == "clean", c
+    assert c["specific_pl1"] > SPECIFIC_FRACTION * c["threshold"]
+
+
+def test_without_a_base_the_transfer_columns_stay_empty(twins, tmp_path):
+    clean, _, shadow = twins
+    row = _scan(clean, None, shadow, tmp_path, "alone")
+    assert row["base_similarity"] is None and row["specific_pl1"] is None and row["specific_verdict"] is None
+
+
+def test_a_worker_with_a_base_fills_the_columns_and_a_broken_base_is_each_rows_error(zoo, tmp_path):
+    from faults import harness
+    from faults.zoo import TINY_ARCH, write_encoder
+
+    from decree_ray.worker import ScanWorker
+
+    base = write_encoder(tmp_path / "base.safetensors", seed=1)  # enc1's own weights: its trigger is the base's
+    settings = harness.settings(zoo / "shadow.npz", tmp_path / "out", tmp_path / "cache", bases=((TINY_ARCH, str(base)),))
+    worker = ScanWorker(settings)
+    rows = {r["id"]: r for r in harness.scan_source(str(zoo / "manifest.jsonl"), worker)}
+    worker.close()
+    assert rows["enc1"]["status"] == "ok" and rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
+    assert all(r["base_similarity"] is not None for r in rows.values())
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    settings = harness.settings(zoo / "shadow.npz", tmp_path / "out2", tmp_path / "cache2",
+                                bases=((TINY_ARCH, str(tmp_path / "broken.safetensors")),))
+    worker = ScanWorker(settings)
+    rows = harness.scan_source(str(zoo / "manifest.jsonl"), worker)
+    worker.close()
+    assert rows and all(r["status"] == "error" and "cannot load the base model" in r["error"] for r in rows)
