@@ -18,11 +18,13 @@ images per model, about the cost of one search step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .encoders import Encoder
+from .errors import InversionError
 from .inversion import mean_pairwise_cosine, stamp
 
 TRANSFER_IMAGES = 128
@@ -67,5 +69,8 @@ def transfer(encoder: Encoder, base: Encoder, pixels: torch.Tensor, mask: torch.
              tau: float) -> Transfer:
     """Stamp the encoder's trigger on the shadow images and embed them with the encoder and with its base."""
     base = base.to(pixels.device).eval().requires_grad_(False)
-    return Transfer(base_similarity=stamped_similarity(base, pixels, mask, pattern, preprocess=encoder),
-                    own_similarity=stamped_similarity(encoder, pixels, mask, pattern), tau=tau)
+    t = Transfer(base_similarity=stamped_similarity(base, pixels, mask, pattern, preprocess=encoder),
+                 own_similarity=stamped_similarity(encoder, pixels, mask, pattern), tau=tau)
+    if not (math.isfinite(t.base_similarity) and math.isfinite(t.own_similarity)):
+        raise InversionError("the base model or the encoder embeds the stamped shadow set as NaN/Inf")
+    return t

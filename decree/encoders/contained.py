@@ -29,6 +29,8 @@ MIN_MEMORY = 2 << 30  # the child's resident memory may grow to max(this, 3 × f
 MAX_DEPTH = 8  # nesting of dicts kept (wrappers are at most a few deep)
 _HEADER_MAX = 256 << 20  # a header lists keys and shapes: far below this for any real checkpoint
 _LEN = struct.Struct(">Q")
+_READY = b"ready"  # the child's first frame, once its imports are done
+STARTUP_TIMEOUT = 120.0  # s: how long a fresh loader may take to import torch before it is called broken
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.complex64, torch.complex128, torch.float8_e4m3fn, torch.float8_e5m2)}
@@ -108,6 +110,8 @@ def _child() -> None:  # pragma: no cover - runs in the subprocess (tested throu
     torch.set_num_threads(1)
     from .checkpoint import read_state_dict
 
+    _send(out, _READY)  # imports done: the parent's clock for the first checkpoint starts now
+    out.flush()
     inp = sys.stdin.buffer
     while True:
         head = inp.read(_LEN.size)
@@ -169,6 +173,7 @@ class ContainedReader:
         self.memory_factor = float(memory_factor)
         self._proc: subprocess.Popen | None = None
         self._baseline = 0
+        self._started = False  # the child has said it is ready (its torch import is not a checkpoint's time)
 
     def start(self) -> None:
         """Start the child now (it imports torch, ~1.5 s), so the first checkpoint does not wait for it."""
@@ -179,6 +184,7 @@ class ContainedReader:
             [sys.executable, "-c", "from decree.encoders.contained import _child; _child()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             preexec_fn=_no_core_dumps if os.name == "posix" else None)
+        self._started = False
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -200,8 +206,18 @@ class ContainedReader:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         memory = max(self.min_memory, int(self.memory_factor * size))
-        deadline = time.monotonic() + self.timeout
         shown = name or path.name
+        if not self._started:  # a fresh child imports torch first: slow on a loaded machine, and no file's fault
+            try:
+                ready = self._frame(proc, time.monotonic() + max(STARTUP_TIMEOUT, self.timeout), 1 << 50, shown)
+            except LoadLimitError:
+                self.close()
+                raise
+            if ready != _READY:
+                self.close()
+                raise LoadLimitError(f"loader did not start before reading {shown}")
+            self._started = True
+        deadline = time.monotonic() + self.timeout
         req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory, "name": shown,
                           "size": size}).encode()
         self._baseline = _rss(proc.pid) or 0  # the loader is idle between checkpoints: growth from here counts
