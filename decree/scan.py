@@ -54,6 +54,7 @@ class ScanResult:
     base_similarity: float | None = None  # the base model's similarity under the same trigger (None: no base)
     specific_pl1: float | None = None  # PL1 / how much less the base collapses (decree.transfer)
     specific_verdict: str | None = None
+    transfer_seconds: float | None = None  # of `seconds`, the base-model transfer's (not a result column)
 
     def to_row(self) -> dict:
         r, b = self.result, self.blend
@@ -145,11 +146,11 @@ def scan_encoder(
             # the audited party's claim stands unless the auditor's preprocessing finds what it hides
             decided = "reference" if other.suspicious and not found.suspicious else "claimed"
             found, judged = (other, other_encoder) if decided == "reference" else (found, encoder)
-    specific = None
+    specific, transfer_seconds = None, None
     if base is not None:
-        r = found.result
+        r, t_transfer = found.result, time.perf_counter()
         t = transfer(judged, base, found.pixels, r.mask, r.pattern, cfg.tau)
-        specific = (t.base_similarity, t.specific_pl1(r.pl1_norm))
+        specific, transfer_seconds = (t.base_similarity, t.specific_pl1(r.pl1_norm)), time.perf_counter() - t_transfer
     eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
     evidence = save_evidence(found.result, evidence_dir, eid, found.pixels) if evidence_dir is not None else {}
     s, blend_score = found.score, found.blend_score
@@ -176,6 +177,7 @@ def scan_encoder(
         base_similarity=None if specific is None else specific[0],
         specific_pl1=None if specific is None else specific[1],
         specific_verdict=specific_verdict,
+        transfer_seconds=transfer_seconds,
     )
 
 

@@ -198,7 +198,7 @@ def settings_key_of(settings, shadow_sha256: str) -> str:
     s = settings
     return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
                         shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256, image_size=s.image_size,
-                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing, bases=getattr(s, "bases", ()))
+                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing, bases=s.bases)
 
 
 def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:

@@ -158,7 +158,8 @@ class ScanWorker:
         self._config = None
         self._settings_key = settings.settings_key
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
-        self._bases: dict[tuple[str, int | None], Any] = {}  # (arch, input size) -> the loaded base Encoder
+        # (arch, input size) -> the loaded base Encoder, or the error that loading it raised (not retried per row)
+        self._bases: dict[tuple[str, int | None], Any] = {}
         from decree.encoders.contained import ContainedReader
 
         # checkpoints are read in a child process: a load that hangs, bloats or crashes is killed and named
@@ -235,9 +236,12 @@ class ScanWorker:
                         if delete:
                             path.unlink(missing_ok=True)
                     base = create_encoder(arch, state, image_size=image_size)
+                base = base.to(self.device).eval().requires_grad_(False)
             except Exception as e:  # noqa: BLE001 - named in every row of this architecture, the scan goes on
-                raise RuntimeError(f"cannot load the base model --base {arch}={source}: {error_text(e)}") from None
-            self._bases[key] = base.to(self.device).eval().requires_grad_(False)
+                base = RuntimeError(f"cannot load the base model --base {arch}={source}: {error_text(e)}")
+            self._bases[key] = base
+        if isinstance(self._bases[key], Exception):
+            raise self._bases[key]
         return self._bases[key]
 
     # -- per encoder --------------------------------------------------------------------------------

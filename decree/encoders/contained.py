@@ -207,21 +207,16 @@ class ContainedReader:
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         memory = max(self.min_memory, int(self.memory_factor * size))
         shown = name or path.name
-        if not self._started:  # a fresh child imports torch first: slow on a loaded machine, and no file's fault
-            try:
-                ready = self._frame(proc, time.monotonic() + max(STARTUP_TIMEOUT, self.timeout), 1 << 50, shown)
-            except LoadLimitError:
-                self.close()
-                raise
-            if ready != _READY:
-                self.close()
-                raise LoadLimitError(f"loader did not start before reading {shown}")
-            self._started = True
-        deadline = time.monotonic() + self.timeout
         req = json.dumps({"path": str(path), "max_bytes": max_bytes, "memory": memory, "name": shown,
                           "size": size}).encode()
-        self._baseline = _rss(proc.pid) or 0  # the loader is idle between checkpoints: growth from here counts
         try:
+            if not self._started:  # a fresh child imports torch first: slow on a loaded machine, no file's fault
+                startup = time.monotonic() + max(STARTUP_TIMEOUT, self.timeout)
+                if self._frame(proc, startup, 1 << 50, shown) != _READY:
+                    raise LoadLimitError(f"loader did not start before reading {shown}")
+                self._started = True
+            deadline = time.monotonic() + self.timeout
+            self._baseline = _rss(proc.pid) or 0  # the loader is idle between checkpoints: growth from here counts
             proc.stdin.write(_LEN.pack(len(req)) + req)
             proc.stdin.flush()
             header = json.loads(self._frame(proc, deadline, memory, shown))
