@@ -10,6 +10,9 @@ divides the trigger's area: `specific_pl1` = PL1 / r. A natural trigger keeps it
 ignores looks as small as it is specific. It is judged like PL1, against SPECIFIC_FRACTION of the profile's
 threshold and, in a fleet, against its peers (measured on the tune families: bench/README.md).
 
+When the base is unknown, the coordinate-wise median of several fine-tunes stands in for it (decree.consensus:
+several `--base` sources for one architecture, or `--base ARCH=consensus`).
+
 Only for fine-tunes of that base: an encoder trained elsewhere (another pre-training, from scratch) has natural
 triggers of its own that the base does not share, and would look trojaned. The base runs with the scanned
 encoder's own preprocessing (the trigger was found in that pixel space); one forward pass of TRANSFER_IMAGES

@@ -89,19 +89,32 @@ class JobConfig:
         return S3Options(self.endpoint_url, self.retry_mode, self.max_attempts)
 
 
+# decree.consensus.MIN_MEMBERS / MAX_MEMBERS, repeated so the CLI checks them before importing torch (a test ties them)
+CONSENSUS_MEMBERS = (3, 15)
+
+
 def check_bases(bases) -> None:
-    """--base ARCH=SOURCE: one base per architecture; a local checkpoint must exist (a typo must not cost a scan)."""
+    """--base ARCH=SOURCE: one base per architecture, or 3 to 15 members of a consensus base (decree.consensus);
+    a local checkpoint must exist (a typo must not cost a scan)."""
+    from collections import Counter
     from pathlib import Path
 
     seen = set()
     for arch, source in bases:
         if not arch or not source:
             raise ValueError(f"--base needs ARCH=SOURCE (SOURCE: pretrained, a checkpoint path or s3:// uri), got {arch}={source}")
-        if arch in seen:
-            raise ValueError(f"--base names {arch} twice")
-        seen.add(arch)
-        if source != "pretrained" and not source.startswith("s3://") and not Path(source).is_file():
+        if (arch, source) in seen:
+            raise ValueError(f"--base names {arch}={source} twice")
+        seen.add((arch, source))
+        if source not in ("pretrained", "consensus") and not source.startswith("s3://") and not Path(source).is_file():
             raise ValueError(f"--base {arch}={source}: no such checkpoint file")
+    low, high = CONSENSUS_MEMBERS
+    for arch, n in Counter(a for a, _ in bases).items():
+        if n > 1 and (arch, "consensus") in seen:
+            raise ValueError(f"--base {arch}=consensus picks its own members: name no other base for {arch}")
+        if n > 1 and not low <= n <= high:
+            raise ValueError(f"--base names {arch} {n} times: give one base, or {low} to {high} fine-tunes of it "
+                             "whose coordinate-wise median stands in for it (a median of two is their mean)")
 
 
 @dataclass
@@ -124,6 +137,7 @@ class JobSummary:
     skipped_examples: list = field(default_factory=list)  # the first of their names
     workers: int = 0
     seconds: float = 0.0
+    consensus: dict = field(default_factory=dict)  # --base ARCH=consensus: arch -> the member uris picked
 
     @property
     def exit_code(self) -> int:

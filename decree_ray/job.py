@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from . import bases as bases_mod
 from . import results as results_mod
 from . import storage
-from .config import JobConfig, JobError, JobSummary, precheck
+from .config import CONSENSUS_MEMBERS, JobConfig, JobError, JobSummary, precheck
 from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
 from .sources import EncoderTask, SourceStats, is_manifest, is_shard_index, iter_tasks
@@ -103,13 +104,36 @@ class _Job:
         self.writer = results_mod.PartWriter(
             config.out, every=config.flush_every, seconds=config.flush_seconds, options=config.s3
         )
-        finished = results_mod.load_rows(config.out, config.s3)
-        self.settings_key = self._settings_key()
-        self.resume = ResumeState(finished, self.settings_key, config.profile, config.s3)
-        self.summary.other_settings = self.resume.other_settings  # rescanned, never reused
+        self._finished = results_mod.load_rows(config.out, config.s3)
+        self._open_resume()
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
+
+    def _open_resume(self) -> None:
+        self.settings_key = self._settings_key()
+        self.resume = ResumeState(self._finished, self.settings_key, self.cfg.profile, self.cfg.s3)
+        self.summary.other_settings = self.resume.other_settings  # rescanned, never reused
+
+    def _pick_consensus(self) -> None:
+        """--base ARCH=consensus: its members from the listing's first encoders (decree_ray.bases)."""
+        archs = bases_mod.wanted(self.cfg.bases)
+        if not archs:
+            return
+        tasks, picked = bases_mod.pick_members(self._tasks, archs)
+        self.counts.listing_done = False  # the read-ahead may have reached the listing's end: not dispatched yet
+        self._tasks = self._then_done(tasks)
+        if short := {a: len(picked[a]) for a in archs if len(picked[a]) < CONSENSUS_MEMBERS[0]}:
+            found = ", ".join(f"{a}: {n}" for a, n in short.items())
+            raise JobError(f"--base ARCH=consensus needs at least {CONSENSUS_MEMBERS[0]} encoders of ARCH named by the "
+                           f"listing (a manifest or --arch) among its first {bases_mod.WINDOW}; found {found}")
+        self.cfg = dataclasses.replace(self.cfg, bases=bases_mod.resolve(self.cfg.bases, picked))
+        self.summary.consensus = picked
+        self._open_resume()  # the members are part of the settings
+
+    def _then_done(self, tasks: Iterator[EncoderTask]) -> Iterator[EncoderTask]:
+        yield from tasks
+        self.counts.listing_done = True
 
     def _settings_key(self) -> str:
         """results.settings_key of this run; the shadow set enters by the SHA-256 of its file's bytes."""
@@ -265,6 +289,7 @@ class _Job:
         t0 = time.monotonic()
         self._options = self._actor_options()
         self._tasks = self._source()
+        self._pick_consensus()
         self.slots = [self._new_slot() for _ in range(self._options.count)]
         self.summary.workers = len(self.slots)
         self.reporter.start()

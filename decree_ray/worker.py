@@ -216,33 +216,43 @@ class ScanWorker:
         return self._config
 
     def _base(self, arch: str, image_size: int | None):
-        """The base model of `arch` (decree.transfer), loaded once per input size; None when none is named."""
-        source = dict(self.settings.bases).get(arch)
-        if source is None:
+        """The base model of `arch` (decree.transfer), loaded once per input size; None when none is named.
+        Several sources for one architecture: their coordinate-wise median (decree.consensus)."""
+        sources = [s for a, s in self.settings.bases if a == arch]
+        if not sources:
             return None
         key = (arch, image_size)
         if key not in self._bases:
-            from decree.encoders import create_encoder
-
+            members, source = [], sources[0]
             try:
-                if source == "pretrained":
-                    base = create_encoder(arch, pretrained=True, image_size=image_size)
-                else:  # the auditor's file, read like any checkpoint: weights only, in the loader process
-                    path, delete = storage.fetch(source, self.cache / "base", self.settings.s3)
-                    try:
-                        state = self._reader.read(path, max_bytes=self.settings.max_checkpoint_bytes,
-                                                  name=source.rsplit("/", 1)[-1])
-                    finally:
-                        if delete:
-                            path.unlink(missing_ok=True)
-                    base = create_encoder(arch, state, image_size=image_size)
-                base = base.to(self.device).eval().requires_grad_(False)
+                for source in sources:
+                    members.append(self._base_member(arch, source, image_size))
+                if len(members) > 1:
+                    from decree.consensus import consensus_encoder
+
+                    members = [consensus_encoder(members)]
+                base = members[0].to(self.device).eval().requires_grad_(False)
             except Exception as e:  # noqa: BLE001 - named in every row of this architecture, the scan goes on
-                base = RuntimeError(f"cannot load the base model --base {arch}={source}: {error_text(e)}")
+                what = f"--base {arch}={source}" + (f" (a member of the consensus base of {len(sources)})" if len(sources) > 1 else "")
+                base = RuntimeError(f"cannot load the base model {what}: {error_text(e)}")
             self._bases[key] = base
         if isinstance(self._bases[key], Exception):
             raise self._bases[key]
         return self._bases[key]
+
+    def _base_member(self, arch: str, source: str, image_size: int | None):
+        from decree.encoders import create_encoder
+
+        if source == "pretrained":
+            return create_encoder(arch, pretrained=True, image_size=image_size)
+        # the auditor's file, read like any checkpoint: weights only, in the loader process
+        path, delete = storage.fetch(source, self.cache / "base", self.settings.s3)
+        try:
+            state = self._reader.read(path, max_bytes=self.settings.max_checkpoint_bytes, name=source.rsplit("/", 1)[-1])
+        finally:
+            if delete:
+                path.unlink(missing_ok=True)
+        return create_encoder(arch, state, image_size=image_size)
 
     # -- per encoder --------------------------------------------------------------------------------
     def fetch(self, task: EncoderTask) -> dict[str, Any]:

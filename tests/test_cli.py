@@ -178,10 +178,24 @@ def test_scan_and_submit_carry_the_base_models_and_refuse_a_malformed_or_missing
     assert calls[0].bases == (("timm/tf_efficientnet_lite0", "pretrained"), ("timm/test_resnet", str(ckpt)))
     assert runner.invoke(app, scan_args(calls[0])[1:]).exit_code == 0
     assert calls[1].bases == calls[0].bases
+    members = []
+    for i in range(16):
+        (tmp_path / f"m{i}.pt").write_bytes(b"x")
+        members += ["--base", f"timm/a={tmp_path / f'm{i}.pt'}"]
     for bad in (["--base", "pretrained"], ["--base", f"timm/a={tmp_path / 'typo.pt'}"],
-                ["--base", "timm/a=pretrained", "--base", "timm/a=pretrained"]):
+                ["--base", "timm/a=pretrained", "--base", "timm/a=pretrained"],
+                members[:4], members):  # two consensus members, sixteen
         result = runner.invoke(app, SCAN + ["--quiet", *bad])
         assert result.exit_code == 2 and len(calls) == 2, (bad, result.output)
+    assert runner.invoke(app, SCAN + ["--quiet", *members[:6]]).exit_code == 0  # three members: a consensus base
+    assert len(calls[2].bases) == 3 and scan_args(calls[2]).count("--base") == 3
+
+
+def test_the_cli_checks_the_consensus_bounds_of_the_core():
+    from decree.consensus import MAX_MEMBERS, MIN_MEMBERS
+    from decree_ray.config import CONSENSUS_MEMBERS
+
+    assert CONSENSUS_MEMBERS == (MIN_MEMBERS, MAX_MEMBERS)
 
 
 @pytest.mark.parametrize("given", ["lots", "5XB", "0", "-1"])

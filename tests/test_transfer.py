@@ -3,11 +3,10 @@
 import math
 
 import pytest
-from twins import make_twins
+from twins import corner_twins
 
 from decree.inversion import InversionConfig
 from decree.transfer import SPECIFIC_FRACTION, Transfer
-from decree.zoo.triggers import Trigger
 
 
 def test_a_trigger_that_collapses_the_base_as_well_keeps_its_area():
@@ -26,7 +25,7 @@ def test_the_ratio_is_how_much_farther_from_collapse_the_base_stays_with_the_enc
 
 @pytest.fixture(scope="module")
 def twins():
-    return make_twins(Trigger(size=4, row=24, col=24, pattern="white", position="bottom-right"), size=32, n_shadow=96)
+    return corner_twins()
 
 
 def _scan(encoder, base, shadow, tmp_path, name):
@@ -78,3 +77,24 @@ def test_a_worker_with_a_base_fills_the_columns_and_a_broken_base_is_each_rows_e
     rows = harness.scan_source(str(zoo / "manifest.jsonl"), worker)
     worker.close()
     assert rows and all(r["status"] == "error" and "cannot load the base model" in r["error"] for r in rows)
+
+
+def test_the_transfer_benchmark_tables_count_verdicts_with_the_base_and_with_the_consensus():
+    from decree.transfer_bench import markdown
+
+    def row(i, label, pl1, specific, consensus):
+        return {"zoo": "z", "split": "report", "family": "clip", "id": f"e{i}", "label": label, "arch": "a",
+                "condition": "photos", "pl1_norm": pl1, "reached_tau": True, "patch_verdict": "clean",
+                "specific_pl1": specific, "specific_verdict": "trojaned" if specific < 0.015 else "clean",
+                "consensus_specific_pl1": consensus,
+                "consensus_specific_verdict": "trojaned" if consensus < 0.015 else "clean",
+                "consensus_members": "e0 e3 e7", "seconds": 1.0, "transfer_seconds": 0.05}
+
+    rows = [row(i, "clean", 0.035 + i / 1000, 0.033, 0.034) for i in range(6)]
+    rows += [row(6 + i, "trojaned", 0.045, 0.005, 0.02 if i == 0 else 0.006) for i in range(4)]
+    text = markdown(rows)
+    base_line, consensus_line = [line for line in text.splitlines() if line.startswith("| report |")]
+    cells = [c.strip() for c in base_line.split("|")[1:-1]]
+    assert cells[5:9] == ["0.000", "1.000", "0/0", "4/0"]  # AUC −PL1, −specific, threshold PL1, specific
+    cells = [c.strip() for c in consensus_line.split("|")[1:-1]]
+    assert cells[3] == "e0 e3 e7(t)" and cells[5:7] == ["1.000", "3/0"]

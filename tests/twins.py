@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from decree import create_encoder
@@ -19,3 +21,12 @@ def make_twins(trigger, *, size: int = 32, n_shadow: int = 128, steps: int = 40)
     badencoder_attack(trojan, clean, train[y[:256] != 0], train[y[:256] == 0][:1], trigger, steps=steps, lr=3e-4,
                       batch_size=32, seed=0)
     return clean, trojan, shadow
+
+
+@functools.cache
+def corner_twins():
+    """A 4-px white bottom-right patch at 32 px, 96 shadow images: built once per session for every module that
+    needs it (test_transfer, test_consensus). Callers must not change the encoders in place."""
+    from decree.zoo.triggers import Trigger
+
+    return make_twins(Trigger(size=4, row=24, col=24, pattern="white", position="bottom-right"), size=32, n_shadow=96)

@@ -135,6 +135,8 @@ def scan(
     table.add_row("seconds", f"{summary.seconds:.1f}")
     table.add_row("results", summary.results)
     console.print(table)
+    for arch, members in summary.consensus.items():  # the audited party's names: printed sanitized
+        console.print(_text(f"consensus base of {arch}: the median of {len(members)} encoders: {', '.join(members)}"))
     if summary.skipped_examples:  # never a silent gap: name what was listed but is not a checkpoint
         more = summary.skipped_keys - len(summary.skipped_examples)
         names = ", ".join(str(n)[:200] for n in summary.skipped_examples) + (f" and {more} more" if more > 0 else "")

@@ -98,7 +98,9 @@ Bases = Annotated[
         "--base",
         help="ARCH=SOURCE: the model ARCH's encoders were fine-tuned from (SOURCE: `pretrained` for the offline "
         "weights, a checkpoint path or s3:// uri; repeatable). Each encoder's trigger is stamped for it too: a "
-        "natural trigger collapses the base as well, a backdoor's does not (specific_pl1). Only for fine-tunes of it.",
+        "natural trigger collapses the base as well, a backdoor's does not (specific_pl1). Only for fine-tunes of it. "
+        "Base unknown: ARCH=consensus (the median of 5 of the scan's own ARCH encoders, spread over the listing) or "
+        "3 to 15 fine-tunes of it named for one ARCH: their coordinate-wise median stands in for it.",
     ),
 ]
 FleetCutoff = Annotated[
