@@ -57,6 +57,11 @@ def median_state_dict(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, to
     return out
 
 
+def finite(encoder: Encoder) -> bool:
+    """All weights and buffers finite: one NaN in a member would be the median's wherever it sits in the middle."""
+    return all(bool(torch.isfinite(t).all()) for t in encoder.backbone.state_dict().values() if t.is_floating_point())
+
+
 def consensus_encoder(members: Sequence[Encoder]) -> Encoder:
     """An encoder with the members' architecture and the first member's preprocessing, holding the median of
     their weights. The members are left unchanged."""

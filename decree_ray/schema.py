@@ -73,6 +73,9 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "With --base: pl1_norm divided by how many times farther from a full collapse the base stays than the encoder "
      "(at least 1): a natural trigger, which the base shares, keeps its area; a backdoor's shrinks."),
     ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold."),
+    ("base_members", pa.int64(), True,
+     "With a consensus base (--base ARCH=consensus, or several --base for one ARCH): how many of its members loaded "
+     "and made the median (null: a single base or none)."),
     ("image_size", pa.int64(), True, "Input size the encoder was scanned at (the deciding scan's)."),
     ("preprocess_source", pa.string(), True,
      "Where the input size and normalization came from: `manifest` (the auditor), `sidecar` or `hub config` (the "
@@ -173,6 +176,7 @@ SCAN_COLUMNS = (
     "base_similarity",
     "specific_pl1",
     "specific_verdict",
+    "base_members",
     "image_size",
     "shadow_sha256",
     "preprocess_source",

@@ -160,6 +160,7 @@ class ScanWorker:
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
         # (arch, input size) -> the loaded base Encoder, or the error that loading it raised (not retried per row)
         self._bases: dict[tuple[str, int | None], Any] = {}
+        self._base_members: dict[tuple[str, int | None], int] = {}  # a consensus base: how many members loaded
         from decree.encoders.contained import ContainedReader
 
         # checkpoints are read in a child process: a load that hangs, bloats or crashes is killed and named
@@ -217,28 +218,44 @@ class ScanWorker:
 
     def _base(self, arch: str, image_size: int | None):
         """The base model of `arch` (decree.transfer), loaded once per input size; None when none is named.
-        Several sources for one architecture: their coordinate-wise median (decree.consensus)."""
+        Several sources for one architecture: the coordinate-wise median of those that load (decree.consensus)."""
         sources = [s for a, s in self.settings.bases if a == arch]
         if not sources:
             return None
         key = (arch, image_size)
         if key not in self._bases:
-            members, source = [], sources[0]
             try:
-                for source in sources:
-                    members.append(self._base_member(arch, source, image_size))
-                if len(members) > 1:
-                    from decree.consensus import consensus_encoder
-
-                    members = [consensus_encoder(members)]
-                base = members[0].to(self.device).eval().requires_grad_(False)
+                base = self._base_member(arch, sources[0], image_size) if len(sources) == 1 else \
+                    self._consensus(arch, sources, image_size)
+                base = base.to(self.device).eval().requires_grad_(False)
             except Exception as e:  # noqa: BLE001 - named in every row of this architecture, the scan goes on
-                what = f"--base {arch}={source}" + (f" (a member of the consensus base of {len(sources)})" if len(sources) > 1 else "")
+                what = f"--base {arch}={sources[0]}" if len(sources) == 1 else f"of {arch}"
                 base = RuntimeError(f"cannot load the base model {what}: {error_text(e)}")
             self._bases[key] = base
         if isinstance(self._bases[key], Exception):
             raise self._bases[key]
         return self._bases[key]
+
+    def _consensus(self, arch: str, sources: list[str], image_size: int | None):
+        """The median of the members that load with finite weights. Members may be the audited party's files
+        (`--base ARCH=consensus`): one bad member must not blind the whole architecture, so the rest decide
+        while at least MIN_MEMBERS load; each row says how many did (base_members)."""
+        from decree.consensus import MIN_MEMBERS, consensus_encoder, finite
+
+        members, failed = [], []
+        for source in sources:
+            try:
+                member = self._base_member(arch, source, image_size)
+                if not finite(member):
+                    raise ValueError("non-finite weights (NaN/Inf)")
+                members.append(member)
+            except Exception as e:  # noqa: BLE001 - counted and named below
+                failed.append(f"{source}: {error_text(e)}")
+        if len(members) < MIN_MEMBERS:
+            raise RuntimeError(f"{len(members)} of {len(sources)} consensus members loaded (at least {MIN_MEMBERS} "
+                               "needed); " + "; ".join(failed)[:2000])
+        self._base_members[(arch, image_size)] = len(members)
+        return consensus_encoder(members)
 
     def _base_member(self, arch: str, source: str, image_size: int | None):
         from decree.encoders import create_encoder
@@ -353,6 +370,8 @@ class ScanWorker:
                 encoder_id=held.sha256[:16],
             )
             values = result.to_row()
+            if (arch_size := (task.arch, size)) in self._base_members:
+                values["base_members"] = self._base_members[arch_size]
         except UnsafeCheckpointError as e:
             return error_row(task, error_text(e), unsafe_globals=list(e.blocked), **known)
         except Exception as e:  # noqa: BLE001 - one encoder's failure is its row, never the job's

@@ -64,6 +64,7 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
     import shutil
 
     from faults import harness
+    from safetensors.torch import load_file, save_file
     from faults.zoo import TINY_ARCH, write_encoder
 
     from decree_ray.worker import ScanWorker
@@ -76,13 +77,25 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
     worker.close()
     assert rows["enc1"]["status"] == "ok" and rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
     assert all(r["base_similarity"] is not None for r in rows.values())
+    assert all(r["base_members"] == 3 for r in rows.values())
+    # members are the audited party's files: a broken one, or one holding a NaN, drops out while 3 others load
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
-    bases = bases[:2] + ((TINY_ARCH, str(tmp_path / "broken.safetensors")),)
-    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out2", tmp_path / "cache2", bases=bases))
+    state = load_file(str(first))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone().fill_(float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    bad = ((TINY_ARCH, str(tmp_path / "broken.safetensors")), (TINY_ARCH, str(tmp_path / "nan.safetensors")))
+    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out2", tmp_path / "cache2", bases=bases + bad))
+    rows = {r["id"]: r for r in harness.scan_source(str(zoo / "manifest.jsonl"), worker)}
+    worker.close()
+    assert all(r["status"] == "ok" and r["base_members"] == 3 for r in rows.values())
+    assert rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
+    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out3", tmp_path / "cache3",
+                                         bases=bases[:1] + bad))  # fewer than 3 load: each row says why
     rows = harness.scan_source(str(zoo / "manifest.jsonl"), worker)
     worker.close()
-    assert rows and all(r["status"] == "error" and "broken.safetensors (a member of the consensus base of 3)"
-                        in r["error"] for r in rows), rows[0]["error"]
+    assert rows and all(r["status"] == "error" and "1 of 3 consensus members loaded" in r["error"]
+                        and "broken.safetensors" in r["error"] and "NaN" in r["error"] for r in rows), rows[0]["error"]
 
 
 def test_consensus_members_spread_over_the_listing_and_every_task_still_comes_through():
