@@ -262,7 +262,11 @@ class ScanWorker:
 
         if source == "pretrained":
             return create_encoder(arch, pretrained=True, image_size=image_size)
-        # the auditor's file, read like any checkpoint: weights only, in the loader process
+        # read like any checkpoint: weights only, in the loader process, a size over the limit refused before a
+        # byte of it is downloaded (a consensus member is the audited party's file)
+        limit = self.settings.max_checkpoint_bytes
+        if limit is not None and (size := storage.size_of(source, self.settings.s3)) > limit:
+            raise ValueError(f"{size} bytes, over --max-checkpoint-size ({limit} bytes)")
         path, delete = storage.fetch(source, self.cache / "base", self.settings.s3)
         try:
             state = self._reader.read(path, max_bytes=self.settings.max_checkpoint_bytes, name=source.rsplit("/", 1)[-1])

@@ -84,18 +84,23 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = state[name].clone().fill_(float("nan"))
     save_file(state, str(tmp_path / "nan.safetensors"))
-    bad = ((TINY_ARCH, str(tmp_path / "broken.safetensors")), (TINY_ARCH, str(tmp_path / "nan.safetensors")))
-    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out2", tmp_path / "cache2", bases=bases + bad))
+    (tmp_path / "huge.safetensors").write_bytes(b"\0" * (2 * first.stat().st_size))  # over the size limit
+    bad = ((TINY_ARCH, str(tmp_path / "broken.safetensors")), (TINY_ARCH, str(tmp_path / "nan.safetensors")),
+           (TINY_ARCH, str(tmp_path / "huge.safetensors")))
+    limit = int(1.5 * first.stat().st_size)
+    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out2", tmp_path / "cache2", bases=bases + bad,
+                                         max_checkpoint_bytes=limit))
     rows = {r["id"]: r for r in harness.scan_source(str(zoo / "manifest.jsonl"), worker)}
     worker.close()
     assert all(r["status"] == "ok" and r["base_members"] == 3 for r in rows.values())
     assert rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
     worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out3", tmp_path / "cache3",
-                                         bases=bases[:1] + bad))  # fewer than 3 load: each row says why
+                                         bases=bases[:1] + bad, max_checkpoint_bytes=limit))  # fewer than 3 load: each row says why
     rows = harness.scan_source(str(zoo / "manifest.jsonl"), worker)
     worker.close()
-    assert rows and all(r["status"] == "error" and "1 of 3 consensus members loaded" in r["error"]
-                        and "broken.safetensors" in r["error"] and "NaN" in r["error"] for r in rows), rows[0]["error"]
+    assert rows and all(r["status"] == "error" and "1 of 4 consensus members loaded" in r["error"]
+                        and "broken.safetensors" in r["error"] and "NaN" in r["error"]
+                        and "over --max-checkpoint-size" in r["error"] for r in rows), rows[0]["error"]
 
 
 def test_consensus_members_spread_over_the_listing_and_every_task_still_comes_through():
