@@ -31,7 +31,7 @@ from .evidence import save_evidence
 from .inversion import InversionConfig, InversionResult, invert
 from .scoring import Score, score
 from .shadow import ShadowSet
-from .transfer import SPECIFIC_FRACTION, transfer
+from .transfer import specific_verdict as judge_specific, transfer
 
 
 @dataclass
@@ -156,8 +156,7 @@ def scan_encoder(
     s, blend_score = found.score, found.blend_score
     specific_verdict = None
     if specific is not None:
-        specific_verdict = ("trojaned" if found.result.reached_tau and specific[1] < SPECIFIC_FRACTION * s.threshold
-                            else "clean")
+        specific_verdict = judge_specific(found.result.reached_tau, specific[1], s.threshold)
     return ScanResult(
         encoder_id=eid,
         arch=arch,

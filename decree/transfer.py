@@ -53,6 +53,11 @@ class Transfer:
         return pl1 / self.ratio
 
 
+def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float) -> str:
+    """Flagged when the search reached τ and the specific area is under SPECIFIC_FRACTION of the threshold."""
+    return "trojaned" if reached_tau and specific_pl1 < SPECIFIC_FRACTION * threshold else "clean"
+
+
 @torch.no_grad()
 def stamped_similarity(encoder: Encoder, pixels: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
                        images: int = TRANSFER_IMAGES, seed: int = 7, batch: int = 64,

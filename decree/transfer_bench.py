@@ -25,7 +25,7 @@ from .fleet import assign
 from .generalization import _auc, condition_of, zoo_split
 from .scan import _shadow_pixels, scan_encoder
 from .shadow import ShadowSet
-from .transfer import SPECIFIC_FRACTION, transfer
+from .transfer import specific_verdict, transfer
 from .zoo import read_manifest
 
 FIELDS = ("zoo", "split", "family", "id", "label", "arch", "condition", "pl1_norm", "reached_tau", "base_similarity",
@@ -61,6 +61,7 @@ def run(zoos: list[Path], out: Path, shadows=("shadow.npz", "shadow-photos.npz")
         consensus = {a: consensus_encoder([_encoder(zoo, e) for e in m]) for a, m in members.items()}
         for sfile in shadows:
             shadow = ShadowSet(zoo / sfile)
+            pixels = {}  # input size -> the shadow images as scan_encoder decodes them
             for e in entries:
                 base = bases[e["arch"]]
                 if base is None:
@@ -70,13 +71,14 @@ def run(zoos: list[Path], out: Path, shadows=("shadow.npz", "shadow-photos.npz")
                 row = {"zoo": zoo.name, "split": zoo_split(zoo), "family": e.get("family"), "id": e["id"],
                        "label": e["label"], "arch": e["arch"], "condition": condition_of(sfile),
                        **{k: v for k, v in r.to_row().items() if k in FIELDS}, "transfer_seconds": r.transfer_seconds}
-                enc = _encoder(zoo, e)
-                pixels, _ = _shadow_pixels(shadow, enc.preprocess.image_size, torch.device("cpu"))
-                t = transfer(enc, consensus[e["arch"]], pixels, r.result.mask, r.result.pattern, r.result.tau)
+                enc = _encoder(zoo, e)  # scan_encoder keeps none: the consensus sees the trigger in its pixel space
+                size = enc.preprocess.image_size
+                if size not in pixels:
+                    pixels[size] = _shadow_pixels(shadow, size, torch.device("cpu"))[0]
+                t = transfer(enc, consensus[e["arch"]], pixels[size], r.result.mask, r.result.pattern, r.result.tau)
                 spec = t.specific_pl1(r.result.pl1_norm)
                 row.update(consensus_similarity=t.base_similarity, consensus_specific_pl1=spec,
-                           consensus_specific_verdict="trojaned" if r.result.reached_tau and
-                           spec < SPECIFIC_FRACTION * r.threshold else "clean",
+                           consensus_specific_verdict=specific_verdict(r.result.reached_tau, spec, r.threshold),
                            consensus_members=" ".join(m["id"] for m in members[e["arch"]]))
                 rows.append(row)
                 log(f"{zoo.name} {e['id']} {e['label']} {row['condition']}: pl1 {row['pl1_norm']:.4f} "

@@ -104,16 +104,17 @@ class _Job:
         self.writer = results_mod.PartWriter(
             config.out, every=config.flush_every, seconds=config.flush_seconds, options=config.s3
         )
-        self._finished = results_mod.load_rows(config.out, config.s3)
-        self._open_resume()
+        self._finished = results_mod.load_rows(config.out, config.s3)  # indexed by _open_resume, then released
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
 
     def _open_resume(self) -> None:
+        """Index the earlier rows under this run's settings key (known once the consensus members are picked)."""
         self.settings_key = self._settings_key()
         self.resume = ResumeState(self._finished, self.settings_key, self.cfg.profile, self.cfg.s3)
         self.summary.other_settings = self.resume.other_settings  # rescanned, never reused
+        self._finished = None
 
     def _pick_consensus(self) -> None:
         """--base ARCH=consensus: its members from the listing's first encoders (decree_ray.bases)."""
@@ -129,7 +130,6 @@ class _Job:
                            f"listing (a manifest or --arch) among its first {bases_mod.WINDOW}; found {found}")
         self.cfg = dataclasses.replace(self.cfg, bases=bases_mod.resolve(self.cfg.bases, picked))
         self.summary.consensus = picked
-        self._open_resume()  # the members are part of the settings
 
     def _then_done(self, tasks: Iterator[EncoderTask]) -> Iterator[EncoderTask]:
         yield from tasks
@@ -290,6 +290,7 @@ class _Job:
         self._options = self._actor_options()
         self._tasks = self._source()
         self._pick_consensus()
+        self._open_resume()  # after the pick: the members are part of the settings
         self.slots = [self._new_slot() for _ in range(self._options.count)]
         self.summary.workers = len(self.slots)
         self.reporter.start()
