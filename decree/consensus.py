@@ -9,12 +9,18 @@ from the named members (measured against the true base on the tune families: ben
 
 The median tolerates fewer than half the members sharing one backdoor: members holding the same trigger would
 carry it into the consensus, and their trojans' triggers would then transfer (specific_pl1 = PL1: no worse than
-without a base, never a false alarm). It means nothing for members that are not fine-tunes of one model.
+without a base, never a false alarm). It means nothing for members that are not fine-tunes of one model, and a fleet may hold fine-tunes of several
+bases (another publisher's release, an older version) or encoders trained from scratch. So the members are first
+grouped by their distance in weight space (`weight_distance`, `clusters`): fine-tunes of one model sit much closer
+to each other than to anything trained apart. Each group of at least MIN_MEMBERS gets its own median
+(`consensus_bases`), and an encoder is compared only with the median it is a fine-tune of (`nearest`); one near
+none of them gets no transfer score (judged as without a base, never against another model's natural triggers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,16 +29,20 @@ from .errors import CheckpointError
 
 MIN_MEMBERS = 3  # a median of two is their mean: one backdoored member would move it halfway
 MAX_MEMBERS = 15  # every member is held in memory while the median is taken
-MEMBERS = 5  # picked from a listing by `--base ARCH=consensus`: 3 to 14 separated alike on the tune CLIP family
+MEMBERS = 9  # picked from a listing by default or `--base ARCH=consensus`: 3 to 14 separated alike on the tune CLIP family;
+# 9 leaves room for two bases of one architecture to form a group of at least 3 each
+FINETUNE_DISTANCE = 0.1  # weight_distance under which two encoders count as fine-tunes of one model (measured below)
 
 
-def spread(items: Sequence, k: int) -> list:
-    """`k` of `items` spread evenly over their order (all of them when there are no more than `k`): the members
-    `--base ARCH=consensus` picks from a listing."""
-    if len(items) <= k:
-        return list(items)
-    step = (len(items) - 1) / (k - 1)
-    return [items[round(i * step)] for i in range(k)]
+def pick(names: Sequence[str], k: int = MEMBERS) -> list[str]:
+    """`k` of `names` (all when there are no more): those whose SHA-256 sorts first. A sample that does not follow
+    the listing order (trojans uploaded together are not picked together), and that a listing grown by new
+    encoders keeps unless a newcomer sorts among the first `k`: the members enter the settings key, so a re-run
+    after the fleet grew still reuses its rows."""
+    import hashlib
+
+    unique = list(dict.fromkeys(names))
+    return sorted(unique, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:k]
 
 
 def median_state_dict(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -75,3 +85,84 @@ def consensus_encoder(members: Sequence[Encoder]) -> Encoder:
     base = copy.deepcopy(members[0])
     base.backbone.load_state_dict(median_state_dict([m.backbone.state_dict() for m in members]))
     return base.eval().requires_grad_(False)
+
+
+def _kernels(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if v.is_floating_point() and v.dim() >= 2}
+
+
+def weight_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The mean over the weight matrices and kernels both hold (same name, same shape) of 1 − their cosine: near 0
+    for fine-tunes of one model, near 1 for models trained apart. Per tensor and by angle, so that rescaling a layer
+    (which a following normalization undoes) does not move it; 1.0 when they share no kernel."""
+    ka, kb = _kernels(a), _kernels(b)
+    keys = [k for k in ka if k in kb and ka[k].shape == kb[k].shape]
+    if not keys:
+        return 1.0
+    total = 0.0
+    for k in keys:
+        x, y = ka[k].flatten().double(), kb[k].flatten().to(ka[k].device).double()
+        cos = float(torch.dot(x, y) / (x.norm() * y.norm()).clamp_min(1e-12))
+        total += 1.0 - cos if cos == cos else 1.0  # NaN: as far as can be
+    return total / len(keys)
+
+
+def clusters(states: Sequence[dict[str, torch.Tensor]], limit: float = FINETUNE_DISTANCE) -> list[list[int]]:
+    """Indices of `states` grouped so that every two in a group are nearer than `limit` (complete linkage: a chain
+    of in-between models cannot join two bases), largest group first."""
+    n = len(states)
+    d = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            d[i][j] = d[j][i] = weight_distance(states[i], states[j])
+    groups = [[i] for i in range(n)]
+    while True:
+        best = None
+        for gi in range(len(groups)):
+            for gj in range(gi + 1, len(groups)):
+                link = max(d[a][b] for a in groups[gi] for b in groups[gj])
+                if link < limit and (best is None or link < best[0]):
+                    best = (link, gi, gj)
+        if best is None:
+            return sorted(groups, key=lambda g: (-len(g), g[0]))
+        _, gi, gj = best
+        groups[gi] = sorted(groups[gi] + groups.pop(gj))
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """One group's median: the stand-in base of the encoders near it."""
+    encoder: Encoder
+    indices: tuple[int, ...]  # which of the members given to consensus_bases made it
+    name: str = ""  # the lineage its fine-tunes share (`base_group`): a digest of its members' names
+
+    @property
+    def members(self) -> int:
+        return len(self.indices)
+
+
+def consensus_bases(members: Sequence[Encoder], names: Sequence[str] | None = None,
+                    limit: float = FINETUNE_DISTANCE) -> list[Consensus]:
+    """One Consensus per group of at least MIN_MEMBERS fine-tunes of one model among `members` (at most
+    MAX_MEMBERS in all; `names`: theirs, e.g. uris, for the group's name); none when no such group exists."""
+    import hashlib
+
+    if len(members) > MAX_MEMBERS:
+        raise ValueError(f"at most {MAX_MEMBERS} consensus members, got {len(members)}")
+    names = list(names) if names is not None else [str(i) for i in range(len(members))]
+    groups = clusters([m.backbone.state_dict() for m in members], limit)
+    return [Consensus(consensus_encoder([members[i] for i in g]), tuple(g),
+                      hashlib.sha256("\n".join(sorted(names[i] for i in g)).encode()).hexdigest()[:16])
+            for g in groups if len(g) >= MIN_MEMBERS]
+
+
+def nearest(encoder: Encoder, bases: Sequence[Consensus], limit: float = FINETUNE_DISTANCE
+            ) -> tuple[Consensus | None, float | None]:
+    """(the consensus `encoder` is a fine-tune of, or None when none is nearer than `limit`; the distance to the
+    nearest one, None without any)."""
+    state = encoder.backbone.state_dict()
+    scored = sorted(((weight_distance(state, b.encoder.backbone.state_dict()), i) for i, b in enumerate(bases)))
+    if not scored:
+        return None, None
+    distance, i = scored[0]
+    return (bases[i] if distance < limit else None), distance

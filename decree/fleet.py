@@ -13,6 +13,11 @@ everything below it, the median and MAD come from that upper part. A scan of a f
 (a benchmark family, an attacker's batch) then no longer drags the median into the trojans and inflates the MAD
 until nothing stands out (measured on the tune families: bench/README.md).
 
+Fine-tunes of different base models of one architecture have natural triggers of different sizes. When a scan
+grouped its encoders by the model they descend from (`base_group`, decree.consensus), a lineage with at least
+`min_peers` encoders is judged among itself; every other encoder (no lineage, a small one) against the whole
+group, as before: moving an encoder away from every lineage in weight space cannot buy it a smaller group.
+
 Works on plain result rows (dicts), so the verdict can be re-derived from a results table without rescanning.
 """
 
@@ -124,14 +129,29 @@ def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig
         if r.get("status") == "ok":
             groups[group_key(r)].append(i)
     out = [dict(r) for r in rows]
-    for members in groups.values():
-        anchored = [i for i in members if rows[i].get("id") in refs or rows[i].get("uri") in refs]
-        by_refs = len(anchored) >= config.min_references
-        basis = anchored if by_refs else members
-        stats = _group_stats(rows, basis, config, by_refs) if len(members) >= config.min_peers else {}
-        for i in members:
-            out[i].update(_judge(rows[i], stats, len(members), config))
+    for group in groups.values():
+        for judged, members in _units(rows, group, config.min_peers):
+            anchored = [i for i in members if rows[i].get("id") in refs or rows[i].get("uri") in refs]
+            by_refs = len(anchored) >= config.min_references
+            basis = anchored if by_refs else members
+            stats = _group_stats(rows, basis, config, by_refs) if len(members) >= config.min_peers else {}
+            for i in judged:
+                out[i].update(_judge(rows[i], stats, len(members), config))
     return out
+
+
+def _units(rows: list[dict], group: list[int], min_peers: int) -> list[tuple[list[int], list[int]]]:
+    """(who is judged, against whom): each lineage of at least `min_peers` among itself, the rest of the group
+    against all of it."""
+    lineages: dict[str, list[int]] = defaultdict(list)
+    for i in group:
+        if isinstance(lineage := rows[i].get("base_group"), str) and lineage:
+            lineages[lineage].append(i)
+    units = [(m, m) for m in lineages.values() if len(m) >= min_peers]
+    own = {i for m, _ in units for i in m}
+    if rest := [i for i in group if i not in own]:
+        units.append((rest, group))
+    return units
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,15 @@ architecture's defaults) the encoder is scanned at both when they differ, and th
 
 With `base` (the model the encoder was fine-tuned from, decree.transfer), the best trigger is also stamped for
 the base: `specific_pl1` is its area divided by how much less the base collapses, judged at half the threshold.
+`base` may also be the consensus bases of a fleet (decree.consensus): the encoder is compared with the one it is
+a fine-tune of, and with none when it is near none of them.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .consensus import Consensus, nearest, weight_distance
 from .encoders import Encoder, create_encoder, default_preprocess
 from .errors import InversionError
 from .evidence import save_evidence
@@ -54,6 +58,9 @@ class ScanResult:
     base_similarity: float | None = None  # the base model's similarity under the same trigger (None: no base)
     specific_pl1: float | None = None  # PL1 / how much less the base collapses (decree.transfer)
     specific_verdict: str | None = None
+    base_distance: float | None = None  # weight distance to the base compared with (or the nearest consensus)
+    base_members: int | None = None  # consensus: members of the one compared with (0: near none of them)
+    base_group: str | None = None  # consensus: the lineage (Consensus.name) of the one compared with
     transfer_seconds: float | None = None  # of `seconds`, the base-model transfer's (not a result column)
 
     def to_row(self) -> dict:
@@ -87,6 +94,9 @@ class ScanResult:
             "base_similarity": self.base_similarity,
             "specific_pl1": self.specific_pl1,
             "specific_verdict": self.specific_verdict,
+            "base_distance": self.base_distance,
+            "base_members": self.base_members,
+            "base_group": self.base_group,
         }
 
 
@@ -121,13 +131,13 @@ def scan_encoder(
     encoder_id: str | None = None,
     max_bytes: int | None = None,
     reference: dict | None = None,
-    base: Encoder | None = None,
+    base: Encoder | Sequence[Consensus] | None = None,
 ) -> ScanResult:
     """Scan one checkpoint. Raises a DecreeError subclass when the encoder cannot be scanned.
 
     `reference` ({"image_size", "mean", "std"}, None values: the architecture's defaults): also scan with this
     preprocessing when it differs from the given one, and keep the more suspicious verdict. `base`: the encoder's
-    base model (same architecture), for `specific_pl1` (decree.transfer).
+    base model (same architecture), for `specific_pl1` (decree.transfer), or consensus bases to pick it from.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else default_device()
@@ -135,6 +145,7 @@ def scan_encoder(
     if threshold is not None:  # the inversion's settle rule must stop against the threshold the verdict uses
         cfg = replace(cfg, threshold=float(threshold))
     encoder = create_encoder(arch, checkpoint, image_size=image_size, mean=mean, std=std, max_bytes=max_bytes)
+    base, distance, members, lineage = _which_base(encoder, base)
     found = _search(encoder, shadow, cfg, threshold, dev)
     judged = encoder  # the preprocessing whose search decided
     decided = None
@@ -176,8 +187,25 @@ def scan_encoder(
         base_similarity=None if specific is None else specific[0],
         specific_pl1=None if specific is None else specific[1],
         specific_verdict=specific_verdict,
+        base_distance=distance,
+        base_members=members,
+        base_group=lineage,
         transfer_seconds=transfer_seconds,
     )
+
+
+def _which_base(encoder: Encoder, base) -> tuple[Encoder | None, float | None, int | None, str | None]:
+    """(the base to stamp the trigger for, the encoder's weight distance to it, consensus members, its lineage).
+    A named base is the auditor's word and is used at any distance; of consensus bases, only the one the encoder
+    is a fine-tune of (decree.consensus.nearest)."""
+    if base is None:
+        return None, None, None, None
+    if isinstance(base, Encoder):
+        return base, weight_distance(encoder.backbone.state_dict(), base.backbone.state_dict()), None, None
+    chosen, distance = nearest(encoder, base)
+    if chosen is None:
+        return None, distance, 0, None
+    return chosen.encoder, distance, chosen.members, chosen.name or None
 
 
 @dataclass

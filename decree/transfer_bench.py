@@ -5,8 +5,10 @@ shadow conditions through `decree.scan.scan_encoder(base=...)`, the base being w
 fine-tuned from (the ImageNet Lite0 weights; the zoo's base CLIP, kept under records/), and writes
 `transfer.csv` and `TRANSFER.md`: per split, condition and family, ROC-AUC and threshold TP/FP of −PL1 and of
 −specific_pl1, the folder-scan verdicts (decree.fleet over the family as one group) without and with the base,
-and what the transfer costs per encoder; and the same against the consensus base `--base ARCH=consensus` builds
-from the family's own folder (decree.consensus), for fleets whose base is unknown. Zoos with a seed in decree.generalization.TUNE_SEEDS are tune zoos.
+and what the transfer costs per encoder; and the same against the consensus bases a scan builds by default from
+the family's own folder (decree.consensus: MEMBERS picked as a scan picks them, grouped into fine-tunes of one model),
+for fleets whose base is unknown; and once more with every zoo's encoders of an architecture in one listing (a
+fleet holding fine-tunes of several bases). Zoos with a seed in decree.generalization.TUNE_SEEDS are tune zoos.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .consensus import MEMBERS, consensus_encoder, spread
+from .consensus import MEMBERS, consensus_bases, nearest, pick
 from .encoders import create_encoder
 from .fleet import assign
 from .generalization import _auc, condition_of, zoo_split
@@ -30,7 +32,8 @@ from .zoo import read_manifest
 
 FIELDS = ("zoo", "split", "family", "id", "label", "arch", "condition", "pl1_norm", "reached_tau", "base_similarity",
           "specific_pl1", "patch_verdict", "specific_verdict", "consensus_similarity", "consensus_specific_pl1",
-          "consensus_specific_verdict", "consensus_members", "threshold", "seconds", "transfer_seconds")
+          "consensus_specific_verdict", "consensus_members", "consensus_distance", "mixed_specific_pl1",
+          "mixed_specific_verdict", "mixed_members", "mixed_distance", "mixed_group", "consensus_group", "threshold", "seconds", "transfer_seconds")
 
 
 def zoo_base(zoo: Path, arch: str):
@@ -50,15 +53,51 @@ def _encoder(zoo: Path, e: dict):
                           std=e.get("std"))
 
 
+def _pick(listing: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
+    """The members a scan of this listing picks (decree.consensus.pick, on the encoders' paths)."""
+    by_name = {str(z / e["uri"]): (z, e) for z, e in listing}
+    return [by_name[n] for n in pick(list(by_name), MEMBERS)]
+
+
+def _consensus(members: list[tuple[Path, dict]]) -> list[tuple[object, list[str]]]:
+    """(Consensus, its members' ids) per group, as a worker builds them from these members."""
+    found = consensus_bases([_encoder(z, e) for z, e in members], [f"{z.name}/{e['uri']}" for z, e in members])
+    return [(b, [f"{members[i][0].name}:{members[i][1]['id']}" for i in b.indices]) for b in found]
+
+
+def _compare(row: dict, prefix: str, enc, bases, pixels, result, threshold) -> None:
+    """The consensus columns `prefix`*: the specific score against the group median `enc` is a fine-tune of (None
+    when it is near none: judged by PL1 alone, as a scan does)."""
+    chosen, distance = nearest(enc, [b for b, _ in bases])
+    row[f"{prefix}distance"] = distance
+    row[f"{prefix}members"] = ""
+    row[f"{prefix}specific_pl1"] = row[f"{prefix}specific_verdict"] = row[f"{prefix}group"] = None
+    if chosen is None:
+        return
+    t = transfer(enc, chosen.encoder, pixels, result.mask, result.pattern, result.tau)
+    spec = t.specific_pl1(result.pl1_norm)
+    row[f"{prefix}members"] = " ".join(next(ids for b, ids in bases if b is chosen))
+    row[f"{prefix}group"] = chosen.name
+    row[f"{prefix}specific_pl1"] = spec
+    row[f"{prefix}specific_verdict"] = specific_verdict(result.reached_tau, spec, threshold)
+    if prefix == "consensus_":
+        row["consensus_similarity"] = t.base_similarity
+
+
 def run(zoos: list[Path], out: Path, shadows=("shadow.npz", "shadow-photos.npz"), log=print) -> list[dict]:
     rows: list[dict] = []
-    for zoo in zoos:
-        entries = read_manifest(zoo)
+    entries_of = {zoo: read_manifest(zoo) for zoo in zoos}
+    # every zoo's encoders of an architecture in one listing, zoo after zoo: the mixed fleet's consensus
+    listing: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
+    for zoo, entries in entries_of.items():
+        for e in entries:
+            listing[e["arch"]].append((zoo, e))
+    mixed = {a: _consensus(_pick(m)) for a, m in listing.items()}
+    for zoo, entries in entries_of.items():
         archs = sorted({e["arch"] for e in entries})
         bases = {a: zoo_base(zoo, a) for a in archs}
-        # what `--base ARCH=consensus` builds from this zoo's folder: MEMBERS encoders spread over the listing
-        members = {a: spread([e for e in entries if e["arch"] == a], MEMBERS) for a in archs}
-        consensus = {a: consensus_encoder([_encoder(zoo, e) for e in m]) for a, m in members.items()}
+        # what a scan of this zoo's folder builds by default: MEMBERS encoders picked by digest, grouped
+        consensus = {a: _consensus(_pick([(zoo, e) for e in entries if e["arch"] == a])) for a in archs}
         for sfile in shadows:
             shadow = ShadowSet(zoo / sfile)
             pixels = {}  # input size -> the shadow images as scan_encoder decodes them
@@ -75,14 +114,12 @@ def run(zoos: list[Path], out: Path, shadows=("shadow.npz", "shadow-photos.npz")
                 size = enc.preprocess.image_size
                 if size not in pixels:
                     pixels[size] = _shadow_pixels(shadow, size, torch.device("cpu"))[0]
-                t = transfer(enc, consensus[e["arch"]], pixels[size], r.result.mask, r.result.pattern, r.result.tau)
-                spec = t.specific_pl1(r.result.pl1_norm)
-                row.update(consensus_similarity=t.base_similarity, consensus_specific_pl1=spec,
-                           consensus_specific_verdict=specific_verdict(r.result.reached_tau, spec, r.threshold),
-                           consensus_members=" ".join(m["id"] for m in members[e["arch"]]))
+                _compare(row, "consensus_", enc, consensus[e["arch"]], pixels[size], r.result, r.threshold)
+                _compare(row, "mixed_", enc, mixed[e["arch"]], pixels[size], r.result, r.threshold)
                 rows.append(row)
                 log(f"{zoo.name} {e['id']} {e['label']} {row['condition']}: pl1 {row['pl1_norm']:.4f} "
-                    f"specific {row['specific_pl1']:.4f} (consensus {spec:.4f}) base sim {row['base_similarity']:.3f}")
+                    f"specific {row['specific_pl1']:.4f} (consensus {_f(row['consensus_specific_pl1'])}, mixed "
+                    f"{_f(row['mixed_specific_pl1'])}) distance {_f(row['consensus_distance'])}")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "transfer.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
@@ -92,11 +129,15 @@ def run(zoos: list[Path], out: Path, shadows=("shadow.npz", "shadow-photos.npz")
     return rows
 
 
-def _folder(rows: list[dict], prefix: str | None) -> dict[int, bool]:
+def _folder(rows: list[dict], prefix: str | None, pooled: bool = False) -> dict[int, bool]:
     """Each family and condition as one fleet group, as `decree scan` of its folder judges it: without a base
-    (prefix None), with `--base` ("") or with `--base ARCH=consensus` ("consensus_")."""
+    (prefix None), with `--base` (""), with the default consensus ("consensus_"); or each architecture of every
+    zoo as one group, as a scan of them all in one listing judges it ("mixed_")."""
     keep = {} if prefix is None else {"specific_pl1": f"{prefix}specific_pl1", "specific_verdict": f"{prefix}specific_verdict"}
-    as_scanned = [{"status": "ok", "arch": (r["zoo"], r["family"], r["arch"]), "image_size": 0,
+    if prefix in ("consensus_", "mixed_"):
+        keep["base_group"] = f"{prefix}group"
+    pooled = pooled or prefix == "mixed_"  # one listing of every zoo: one fleet group per architecture
+    as_scanned = [{"status": "ok", "arch": (r["arch"],) if pooled else (r["zoo"], r["family"], r["arch"]), "image_size": 0,
                    "shadow_sha256": r["condition"], "profile": "fast", "pl1_norm": r["pl1_norm"],
                    "reached_tau": r["reached_tau"], "patch_verdict": r["patch_verdict"],
                    "verdict": r["patch_verdict"], **{k: r[c] for k, c in keep.items()}} for r in rows]
@@ -104,7 +145,7 @@ def _folder(rows: list[dict], prefix: str | None) -> dict[int, bool]:
 
 
 def markdown(rows: list[dict]) -> str:
-    plain, based, agreed = _folder(rows, None), _folder(rows, ""), _folder(rows, "consensus_")
+    plain, based = _folder(rows, None), _folder(rows, "")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["split"], r["condition"], r["family"])].append(r)
@@ -138,17 +179,29 @@ def markdown(rows: list[dict]) -> str:
                    f"{auc(sel, 'specific_pl1')} | {counts(sel, lambda r: r['patch_verdict'] == 'trojaned')} | "
                    f"{counts(sel, lambda r: r['specific_verdict'] == 'trojaned')} | {counts(sel, lambda r: plain[id(r)])} | "
                    f"{counts(sel, lambda r: based[id(r)])} | {edge(sel, 'specific_pl1')} | {secs:.2f} | {tsecs:.3f} |")
-    out += ["", "## Base unknown (`--base ARCH=consensus`: the coordinate-wise median of "
-            f"{MEMBERS} of the family's own encoders, spread over its listing, trojans among them)", "",
-            "| split | condition | family | members (t: trojaned) | AUC −PL1 | AUC −specific | threshold TP/FP specific | "
-            "folder TP/FP | folder TP/FP with consensus | max trojan / min clean specific |", "|" + "---|" * 10]
-    for (split, cond, fam), sel in ordered:
-        label = {r["id"]: r["label"] for r in sel}
-        members = " ".join(m + ("(t)" if label.get(m) == "trojaned" else "") for m in sel[0]["consensus_members"].split())
-        out.append(f"| {split} | {cond} | {fam} | {members} | {auc(sel, 'pl1_norm')} | {auc(sel, 'consensus_specific_pl1')} | "
-                   f"{counts(sel, lambda r: r['consensus_specific_verdict'] == 'trojaned')} | "
-                   f"{counts(sel, lambda r: plain[id(r)])} | {counts(sel, lambda r: agreed[id(r)])} | "
-                   f"{edge(sel, 'consensus_specific_pl1')} |")
+    for prefix, title in (("consensus_", "## Base unknown: the default consensus (each family's own folder)"),
+                          ("mixed_", "## Base unknown, several bases: every zoo's encoders of an architecture in one listing")):
+        out += ["", title, "", f"{MEMBERS} encoders picked as a scan picks them (decree.consensus.pick), trojans among them, grouped into fine-tunes of "
+                "one model (decree.consensus); each encoder compared with the median of its group, or judged by PL1 "
+                "alone when it is near none. *effective*: specific_pl1 where compared, else PL1.", "",
+                "| split | condition | family | its group (t: trojaned) | near a group clean/trojaned | AUC −PL1 | "
+                "AUC −effective | threshold TP/FP | folder TP/FP | folder TP/FP with consensus | "
+                "max trojan / min clean effective |", "|" + "---|" * 11]
+        folder = _folder(rows, prefix)
+        without = plain if prefix == "consensus_" else _folder(rows, None, pooled=True)
+        for (split, cond, fam), sel in ordered:
+            for r in sel:
+                r[f"{prefix}effective"] = r[f"{prefix}specific_pl1"] if r[f"{prefix}specific_pl1"] is not None \
+                    else r["pl1_norm"]
+            label = {f"{r['zoo']}:{r['id']}": r["label"] for r in rows}
+            groups = sorted({r[f"{prefix}members"] for r in sel if r[f"{prefix}members"]})
+            members = "; ".join(" ".join(m.replace("zoo-", "") + ("(t)" if label.get(m) == "trojaned" else "") for m in g.split())
+                                for g in groups) or "none"
+            near = counts(sel, lambda r: r[f"{prefix}specific_pl1"] is not None).split("/")
+            flagged = counts(sel, lambda r: r["patch_verdict"] == "trojaned" or r[f"{prefix}specific_verdict"] == "trojaned")
+            out.append(f"| {split} | {cond} | {fam} | {members} | {near[1]}/{near[0]} | {auc(sel, 'pl1_norm')} | "
+                       f"{auc(sel, prefix + 'effective')} | {flagged} | {counts(sel, lambda r: without[id(r)])} | "
+                       f"{counts(sel, lambda r: folder[id(r)])} | {edge(sel, prefix + 'effective')} |")
     return "\n".join(out) + "\n"
 
 

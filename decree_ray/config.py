@@ -60,6 +60,12 @@ class JobConfig:
     # (arch, source) of the base model each architecture's encoders were fine-tuned from: "pretrained" (the
     # architecture's offline weights) or a checkpoint path / s3:// uri (decree.transfer: specific_pl1)
     bases: tuple[tuple[str, str], ...] = ()
+    # every architecture the listing names at least 3 times and no --base covers gets a consensus base of its own
+    # encoders (decree_ray.bases); off: only what --base names
+    consensus: bool = True
+    # uris the job picked from its own listing as consensus members: not checked as files (a manifest's missing
+    # one is that member's load error, never the whole job's)
+    listed_bases: tuple[str, ...] = ()
     fleet_cutoff: float = DEFAULT_CUTOFF  # anomaly index above which an encoder is an outlier among its peers
     fleet_cluster: float = DEFAULT_CLUSTER  # least share of a group that can anchor it as its clean cluster (0: off)
 
@@ -82,7 +88,7 @@ class JobConfig:
             raise ValueError("fleet_cutoff must be a finite number > 0")
         if not 0 <= self.fleet_cluster <= 1:
             raise ValueError("fleet_cluster must be within 0..1 (0: no clean cluster)")
-        check_bases(self.bases)
+        check_bases(self.bases, listed=frozenset(self.listed_bases))
 
     @property
     def s3(self) -> S3Options:
@@ -93,7 +99,7 @@ class JobConfig:
 CONSENSUS_MEMBERS = (3, 15)
 
 
-def check_bases(bases) -> None:
+def check_bases(bases, listed: frozenset[str] = frozenset()) -> None:
     """--base ARCH=SOURCE: one base per architecture, or 3 to 15 members of a consensus base (decree.consensus);
     a local checkpoint must exist (a typo must not cost a scan)."""
     from collections import Counter
@@ -106,7 +112,7 @@ def check_bases(bases) -> None:
         if (arch, source) in seen:
             raise ValueError(f"--base names {arch}={source} twice")
         seen.add((arch, source))
-        if source not in ("pretrained", "consensus") and not source.startswith("s3://") and not Path(source).is_file():
+        if source not in ("pretrained", "consensus", *listed) and not source.startswith("s3://") and not Path(source).is_file():
             raise ValueError(f"--base {arch}={source}: no such checkpoint file")
     low, high = CONSENSUS_MEMBERS
     for arch, n in Counter(a for a, _ in bases).items():

@@ -108,6 +108,7 @@ class _Job:
         self.slots: list[_Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self._actor_cls = None
+        self.auto_bases: tuple[str, ...] = ()  # architectures whose consensus was picked by default
 
     def _open_resume(self) -> None:
         """Index the earlier rows under this run's settings key (known once the consensus members are picked)."""
@@ -117,18 +118,22 @@ class _Job:
         self._finished = None
 
     def _pick_consensus(self) -> None:
-        """--base ARCH=consensus: its members from the listing's first encoders (decree_ray.bases)."""
+        """--base ARCH=consensus, and by default every architecture without a base: the consensus members from the
+        listing's first encoders (decree_ray.bases)."""
         archs = bases_mod.wanted(self.cfg.bases)
-        if not archs:
+        if not archs and not self.cfg.consensus:
             return
-        tasks, picked = bases_mod.pick_members(self._tasks, archs)
+        named = {arch for arch, _ in self.cfg.bases} if self.cfg.consensus else None
+        tasks, picked, auto = bases_mod.pick_members(self._tasks, archs, auto_except=named)
         self.counts.listing_done = False  # the read-ahead may have reached the listing's end: not dispatched yet
         self._tasks = self._then_done(tasks)
         if short := {a: len(picked[a]) for a in archs if len(picked[a]) < CONSENSUS_MEMBERS[0]}:
             found = ", ".join(f"{a}: {n}" for a, n in short.items())
             raise JobError(f"--base ARCH=consensus needs at least {CONSENSUS_MEMBERS[0]} encoders of ARCH named by the "
                            f"listing (a manifest or --arch) among its first {bases_mod.WINDOW}; found {found}")
-        self.cfg = dataclasses.replace(self.cfg, bases=bases_mod.resolve(self.cfg.bases, picked))
+        self.cfg = dataclasses.replace(self.cfg, bases=bases_mod.resolve(self.cfg.bases, picked),
+                                       listed_bases=tuple(u for uris in picked.values() for u in uris))
+        self.auto_bases = tuple(auto)
         self.summary.consensus = picked
 
     def _then_done(self, tasks: Iterator[EncoderTask]) -> Iterator[EncoderTask]:
@@ -173,6 +178,7 @@ class _Job:
             s3=self.cfg.s3,
             overrides=self.cfg.overrides,
             bases=self.cfg.bases,
+            auto_bases=self.auto_bases,
             settings_key=self.settings_key,
         )
         if self._actor_cls is None:

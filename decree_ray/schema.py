@@ -74,8 +74,15 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
      "(at least 1): a natural trigger, which the base shares, keeps its area; a backdoor's shrinks."),
     ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold."),
     ("base_members", pa.int64(), True,
-     "With a consensus base (--base ARCH=consensus, or several --base for one ARCH): how many of its members loaded "
-     "and made the median (null: a single base or none)."),
+     "With a consensus base (by default, --base ARCH=consensus, or several --base for one ARCH): how many members "
+     "made the median this encoder was compared with; 0: it is a fine-tune of none of the groups (judged without a "
+     "base). Null: a single base or none."),
+    ("base_distance", pa.float64(), True,
+     "Weight distance (mean 1 - cosine over the weight tensors) from this encoder to the base it was compared with, "
+     "or to the nearest consensus when none was near enough (0.1). Null: no base."),
+    ("base_group", pa.string(), True,
+     "With a consensus base: the lineage this encoder was compared with (a digest of that group's member uris); "
+     "fleet statistics judge a lineage of 6 or more among itself. Null: none."),
     ("image_size", pa.int64(), True, "Input size the encoder was scanned at (the deciding scan's)."),
     ("preprocess_source", pa.string(), True,
      "Where the input size and normalization came from: `manifest` (the auditor), `sidecar` or `hub config` (the "

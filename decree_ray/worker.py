@@ -47,6 +47,7 @@ class ScanSettings:
     trust_sidecar_preprocessing: bool = False  # else a sidecar's preprocessing is checked against the auditor's
     overrides: tuple[tuple[str, Any], ...] = ()  # extra InversionConfig fields, e.g. (("restarts", 1),)
     bases: tuple[tuple[str, str], ...] = ()  # (arch, "pretrained" | checkpoint path | s3 uri): decree.transfer
+    auto_bases: tuple[str, ...] = ()  # architectures whose consensus the job picked by default (decree_ray.bases)
     s3: S3Options = field(default_factory=S3Options)
     settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
 
@@ -158,13 +159,13 @@ class ScanWorker:
         self._config = None
         self._settings_key = settings.settings_key
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
-        # (arch, input size) -> the loaded base Encoder, or the error that loading it raised (not retried per row)
-        self._bases: dict[tuple[str, int | None], Any] = {}
-        self._base_members: dict[tuple[str, int | None], int] = {}  # a consensus base: how many members loaded
         from decree.encoders.contained import ContainedReader
+
+        from .base_models import BaseModels
 
         # checkpoints are read in a child process: a load that hangs, bloats or crashes is killed and named
         self._reader = ContainedReader(timeout=settings.load_timeout)
+        self._bases = BaseModels(settings, self._reader, self.cache, self.device, error_text)
 
     def _pick_device(self) -> str:
         import torch
@@ -215,65 +216,6 @@ class ScanWorker:
                 overrides.update(max_steps=self.settings.steps, min_steps=min_steps)
             self._config = InversionConfig.from_profile(self.settings.profile, **overrides)
         return self._config
-
-    def _base(self, arch: str, image_size: int | None):
-        """The base model of `arch` (decree.transfer), loaded once per input size; None when none is named.
-        Several sources for one architecture: the coordinate-wise median of those that load (decree.consensus)."""
-        sources = [s for a, s in self.settings.bases if a == arch]
-        if not sources:
-            return None
-        key = (arch, image_size)
-        if key not in self._bases:
-            try:
-                base = self._base_member(arch, sources[0], image_size) if len(sources) == 1 else \
-                    self._consensus(arch, sources, image_size)
-                base = base.to(self.device).eval().requires_grad_(False)
-            except Exception as e:  # noqa: BLE001 - named in every row of this architecture, the scan goes on
-                what = f"--base {arch}={sources[0]}" if len(sources) == 1 else f"of {arch}"
-                base = RuntimeError(f"cannot load the base model {what}: {error_text(e)}")
-            self._bases[key] = base
-        if isinstance(self._bases[key], Exception):
-            raise self._bases[key]
-        return self._bases[key]
-
-    def _consensus(self, arch: str, sources: list[str], image_size: int | None):
-        """The median of the members that load with finite weights. Members may be the audited party's files
-        (`--base ARCH=consensus`): one bad member must not blind the whole architecture, so the rest decide
-        while at least MIN_MEMBERS load; each row says how many did (base_members)."""
-        from decree.consensus import MIN_MEMBERS, consensus_encoder, finite
-
-        members, failed = [], []
-        for source in sources:
-            try:
-                member = self._base_member(arch, source, image_size)
-                if not finite(member):
-                    raise ValueError("non-finite weights (NaN/Inf)")
-                members.append(member)
-            except Exception as e:  # noqa: BLE001 - counted and named below
-                failed.append(f"{source}: {error_text(e)}")
-        if len(members) < MIN_MEMBERS:
-            raise RuntimeError(f"{len(members)} of {len(sources)} consensus members loaded (at least {MIN_MEMBERS} "
-                               "needed); " + "; ".join(failed)[:2000])
-        self._base_members[(arch, image_size)] = len(members)
-        return consensus_encoder(members)
-
-    def _base_member(self, arch: str, source: str, image_size: int | None):
-        from decree.encoders import create_encoder
-
-        if source == "pretrained":
-            return create_encoder(arch, pretrained=True, image_size=image_size)
-        # read like any checkpoint: weights only, in the loader process, a size over the limit refused before a
-        # byte of it is downloaded (a consensus member is the audited party's file)
-        limit = self.settings.max_checkpoint_bytes
-        if limit is not None and (size := storage.size_of(source, self.settings.s3)) > limit:
-            raise ValueError(f"{size} bytes, over --max-checkpoint-size ({limit} bytes)")
-        path, delete = storage.fetch(source, self.cache / "base", self.settings.s3)
-        try:
-            state = self._reader.read(path, max_bytes=self.settings.max_checkpoint_bytes, name=source.rsplit("/", 1)[-1])
-        finally:
-            if delete:
-                path.unlink(missing_ok=True)
-        return create_encoder(arch, state, image_size=image_size)
 
     # -- per encoder --------------------------------------------------------------------------------
     def fetch(self, task: EncoderTask) -> dict[str, Any]:
@@ -357,7 +299,7 @@ class ScanWorker:
             if task.claims_preprocessing and not self.settings.trust_sidecar_preprocessing:
                 reference = {"image_size": self.settings.image_size}  # the architecture's own mean/std
             size = task.image_size or self.settings.image_size
-            base = self._base(task.arch, size)
+            base = self._bases.get(task.arch, size)
             result = scan_encoder(
                 self._reader.read(held.path, max_bytes=limit, name=task.uri.rsplit("/", 1)[-1]),
                 task.arch,
@@ -374,8 +316,6 @@ class ScanWorker:
                 encoder_id=held.sha256[:16],
             )
             values = result.to_row()
-            if (arch_size := (task.arch, size)) in self._base_members:
-                values["base_members"] = self._base_members[arch_size]
         except UnsafeCheckpointError as e:
             return error_row(task, error_text(e), unsafe_globals=list(e.blocked), **known)
         except Exception as e:  # noqa: BLE001 - one encoder's failure is its row, never the job's

@@ -6,7 +6,7 @@ import pytest
 import torch
 from twins import corner_twins
 
-from decree.consensus import consensus_encoder, median_state_dict
+from decree.consensus import FINETUNE_DISTANCE, clusters, consensus_encoder, median_state_dict, weight_distance
 from decree.errors import CheckpointError
 
 
@@ -25,6 +25,38 @@ def test_members_with_other_keys_or_shapes_are_refused():
         median_state_dict([a, {"w": torch.zeros(4)}, a])
     with pytest.raises(CheckpointError):
         median_state_dict([a, {"v": torch.zeros(3)}, a])
+
+
+def _moved(state, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
+def test_fine_tunes_of_one_model_are_near_and_models_trained_apart_are_far():
+    gen = torch.Generator().manual_seed(0)
+    a = {"conv": torch.randn(8, 3, 3, 3, generator=gen), "fc": torch.randn(4, 8, generator=gen), "bias": torch.randn(4)}
+    b = {k: torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    assert weight_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert weight_distance(a, _moved(a, 0.05, 1)) < 0.01
+    assert weight_distance(a, {k: 7.0 * v for k, v in a.items()}) == pytest.approx(0.0, abs=1e-9)  # a rescaled layer
+    assert weight_distance(a, b) > 0.5
+    assert weight_distance(a, {k: torch.full_like(v, float("nan")) for k, v in a.items()}) == 1.0
+    assert weight_distance({"bias": a["bias"]}, {"bias": a["bias"]}) == 1.0  # no kernel in common: nothing to say
+
+
+def test_members_group_by_the_model_they_were_fine_tuned_from_and_a_chain_cannot_join_two_bases():
+    gen = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(64, 64, generator=gen)}
+    b = {"w": torch.randn(64, 64, generator=gen)}
+    fleet = [_moved(a, 0.1, i) for i in range(4)] + [_moved(b, 0.1, 10 + i) for i in range(3)]
+    fleet.append({"w": torch.randn(64, 64, generator=gen)})  # trained apart from both
+    groups = clusters(fleet)
+    assert groups == [[0, 1, 2, 3], [4, 5, 6], [7]]
+    # in-between models, each near the next: complete linkage keeps the two ends apart
+    chain = [{"w": torch.lerp(a["w"], b["w"], t / 10)} for t in range(11)]
+    assert all(weight_distance(chain[i], chain[i + 1]) < FINETUNE_DISTANCE for i in range(10))
+    assert not any(0 in g and 10 in g for g in clusters(chain))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +108,11 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
     rows = {r["id"]: r for r in harness.scan_source(str(zoo / "manifest.jsonl"), worker)}
     worker.close()
     assert rows["enc1"]["status"] == "ok" and rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
-    assert all(r["base_similarity"] is not None for r in rows.values())
-    assert all(r["base_members"] == 3 for r in rows.values())
+    assert rows["enc1"]["base_members"] == 3 and rows["enc1"]["base_distance"] == pytest.approx(0.0, abs=1e-6)
+    # the other tiny encoders were trained apart from enc1: no transfer score against a model they do not descend from
+    others = [r for k, r in rows.items() if k != "enc1"]
+    assert others and all(r["status"] == "ok" and r["base_members"] == 0 and r["specific_pl1"] is None
+                          and r["base_distance"] > FINETUNE_DISTANCE for r in others)
     # members are the audited party's files: a broken one, or one holding a NaN, drops out while 3 others load
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
     state = load_file(str(first))
@@ -92,7 +127,7 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
                                          max_checkpoint_bytes=limit))
     rows = {r["id"]: r for r in harness.scan_source(str(zoo / "manifest.jsonl"), worker)}
     worker.close()
-    assert all(r["status"] == "ok" and r["base_members"] == 3 for r in rows.values())
+    assert all(r["status"] == "ok" for r in rows.values()) and rows["enc1"]["base_members"] == 3
     assert rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
     worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "out3", tmp_path / "cache3",
                                          bases=bases[:1] + bad, max_checkpoint_bytes=limit))  # fewer than 3 load: each row says why
@@ -103,22 +138,51 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
                         and "over --max-checkpoint-size" in r["error"] for r in rows), rows[0]["error"]
 
 
-def test_consensus_members_spread_over_the_listing_and_every_task_still_comes_through():
+def test_consensus_members_are_picked_by_digest_and_a_grown_listing_keeps_them():
+    import hashlib
+
     from decree_ray.bases import pick_members, resolve
     from decree_ray.sources import EncoderTask
 
     tasks = [EncoderTask(id=f"e{i}", uri=f"/f/e{i}.pt", arch="a" if i % 2 else "b") for i in range(30)]
     tasks += [EncoderTask(id="idx", uri="/f/x.safetensors.index.json", arch="a"),
               EncoderTask(id="bad", uri="/f/bad.pt", arch="a", status="error", error="unreadable")]
-    it, picked = pick_members(iter(tasks), ["a"], members=5, window=20)
+    it, picked, auto = pick_members(iter(tasks), ["a"], members=5, window=20)
     assert list(it) == tasks  # none lost, none twice, in order
-    assert picked == {"a": ["/f/e1.pt", "/f/e5.pt", "/f/e9.pt", "/f/e15.pt", "/f/e19.pt"]}  # within the window
+    listed = [f"/f/e{i}.pt" for i in range(1, 20, 2)]  # the window's single-file, pending encoders of a
+    by_digest = sorted(listed, key=lambda u: hashlib.sha256(u.encode()).hexdigest())
+    assert picked == {"a": by_digest[:5]} and auto == []
+    assert picked["a"] != listed[:5] and picked["a"] != listed[::2]  # not the listing order's first or its spread
     assert resolve((("a", "consensus"), ("b", "pretrained")), picked) == (
         *(("a", u) for u in picked["a"]), ("b", "pretrained"))
+    # a listing grown by encoders that sort after the members keeps them (the settings key, and so the rows)
+    grown = tasks[:10] + [EncoderTask(id=f"n{i}", uri=f"/f/n{i}.pt", arch="a") for i in range(40)] + tasks[10:]
+    late = [t.uri for t in grown[10:50]
+            if hashlib.sha256(t.uri.encode()).hexdigest() < hashlib.sha256(by_digest[4].encode()).hexdigest()]
+    _, again, _ = pick_members(iter(grown), ["a"], members=5, window=len(grown))
+    assert again["a"] == sorted(by_digest[:5] + late, key=lambda u: hashlib.sha256(u.encode()).hexdigest())[:5]
+    # by default, every architecture no --base names gets its consensus too; one with fewer than 3 encoders none
+    tasks.append(EncoderTask(id="lone", uri="/f/lone.pt", arch="c"))
+    it, picked, auto = pick_members(iter(tasks), [], members=5, window=40, auto_except={"b"})
+    assert list(it) == tasks and auto == ["a"] and list(picked) == ["a"] and len(picked["a"]) == 5
+    assert resolve((("b", "pretrained"),), picked) == (("b", "pretrained"), *(("a", u) for u in picked["a"]))
+
+
+def _fleet(zoo, folder):
+    """enc1, three fine-tunes of it (its weights slightly moved), and enc2, trained apart."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    state = load_file(str(zoo / "encoders" / "enc1.safetensors"))
+    for name in ("enc1", "enc2"):
+        (folder / f"{name}.safetensors").write_bytes((zoo / "encoders" / f"{name}.safetensors").read_bytes())
+    for i in range(3):
+        save_file({k: v.contiguous() for k, v in _moved(state, 0.05, i).items()}, str(folder / f"ft{i}.safetensors"))
+    return folder
 
 
 @pytest.mark.ray
-def test_a_scan_with_a_consensus_base_picks_its_members_from_the_listing_and_refuses_too_few(zoo, tmp_path):
+def test_a_scan_builds_a_consensus_by_default_and_compares_only_the_fine_tunes_of_it(zoo, tmp_path):
     import ray
     from conftest import FAST_OVERRIDES
     from faults.zoo import TINY_ARCH
@@ -126,24 +190,65 @@ def test_a_scan_with_a_consensus_base_picks_its_members_from_the_listing_and_ref
     from decree_ray import results as results_mod
     from decree_ray.job import JobConfig, JobError, run_job
 
-    def config(src, out):
+    def config(src, out, **kw):
         return JobConfig(source=str(src), shadow=str(zoo / "shadow.npz"), out=str(out), steps=3, arch=TINY_ARCH,
-                         overrides=FAST_OVERRIDES, num_workers=1, bases=((TINY_ARCH, "consensus"),))
+                         overrides=FAST_OVERRIDES, num_workers=1, **kw)
 
+    fleet = _fleet(zoo, tmp_path / "fleet")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = run_job(config(zoo / "encoders", tmp_path / "out"))
-        members = summary.consensus[TINY_ARCH]
-        assert len(members) == 4 and all(m.startswith(str(zoo / "encoders")) for m in members)
-        rows = results_mod.load_rows(str(tmp_path / "out"))
-        assert len(rows) == 4 and all(r["status"] == "ok" and r["base_similarity"] is not None for r in rows)
-        again = run_job(config(zoo / "encoders", tmp_path / "out"))  # same listing, same members: all reused
+        summary = run_job(config(fleet, tmp_path / "out"))
+        assert len(summary.consensus[TINY_ARCH]) == 5  # every listed encoder (up to 9) is a candidate
+        rows = {r["id"].removesuffix(".safetensors"): r for r in results_mod.load_rows(str(tmp_path / "out"))}
+        assert len(rows) == 5 and all(r["status"] == "ok" for r in rows.values())
+        near = {k for k, r in rows.items() if r["base_members"] == 4 and r["base_similarity"] is not None}
+        assert near == {"enc1", "ft0", "ft1", "ft2"}
+        assert rows["enc2"]["base_members"] == 0 and rows["enc2"]["specific_pl1"] is None
+        again = run_job(config(fleet, tmp_path / "out"))  # same listing, same members: all reused
         assert again.scanned == 0 and again.consensus == summary.consensus
+        off = run_job(config(fleet, tmp_path / "off", consensus=False))
+        assert off.consensus == {} and all(r["base_members"] is None and r["specific_pl1"] is None
+                                           for r in results_mod.load_rows(str(tmp_path / "off")))
+        # named explicitly, a consensus needs 3 candidates; by default, fewer only means none
         few = tmp_path / "few"
         few.mkdir()
         for name in ("enc1", "enc2"):
             (few / f"{name}.safetensors").write_bytes((zoo / "encoders" / f"{name}.safetensors").read_bytes())
         with pytest.raises(JobError, match="found .*: 2"):
-            run_job(config(few, tmp_path / "out-few"))
+            run_job(config(few, tmp_path / "out-few", bases=((TINY_ARCH, "consensus"),)))
+        assert run_job(config(few, tmp_path / "out-few2")).ok == 2
     finally:
         ray.shutdown()
+
+
+def test_members_that_load_slowly_cannot_spend_more_than_twice_the_load_timeout(tmp_path):
+    """Members are the audited party's files: ones that hang until --load-timeout would each cost it again; all
+    of them together get twice that, then the rest are skipped (and a default consensus is simply none)."""
+    import time
+
+    from faults.zoo import TINY_ARCH, write_encoder
+    from safetensors.torch import load_file
+
+    from decree_ray.base_models import BaseModels
+    from decree_ray.worker import ScanSettings, error_text
+
+    class SlowReader:
+        calls = 0
+
+        def read(self, path, **_):
+            SlowReader.calls += 1
+            time.sleep(0.3)
+            return load_file(str(path))
+
+    paths = [str(write_encoder(tmp_path / f"m{i}.safetensors", seed=1)) for i in range(6)]
+    for auto in ((TINY_ARCH,), ()):
+        SlowReader.calls = 0
+        settings = ScanSettings(shadow="unused", load_timeout=0.25, bases=tuple((TINY_ARCH, p) for p in paths),
+                                auto_bases=auto)
+        bases = BaseModels(settings, SlowReader(), tmp_path / "cache", "cpu", error_text)
+        if auto:
+            assert bases.get(TINY_ARCH, None) == [] and SlowReader.calls == 2  # 0.5 s spent after two
+        else:
+            with pytest.raises(RuntimeError, match="2 of 6 consensus members loaded.*load budget"):
+                bases.get(TINY_ARCH, None)
+            assert SlowReader.calls == 2

@@ -28,6 +28,7 @@ from faults.fixtures import gap, rec, record  # noqa: F401 - fixtures
 from faults.zoo import TINY_ARCH, TINY_SIZE, make_zoo, write_encoder
 
 from decree_ray import job as job_mod
+from decree_ray.bases import resolve
 from decree_ray import results as results_mod
 from decree_ray.job import JobConfig, JobError, run_job
 from decree_ray.storage import DEFAULT_S3, S3Options, s3_client
@@ -44,7 +45,10 @@ def zoo(tmp_path_factory):
 
 
 def _config(source, shadow, out, **kw) -> JobConfig:
-    base = {"steps": 3, "overrides": FAST_OVERRIDES, "num_workers": 2, "flush_every": 2, "timeout": 120.0}
+    # no default consensus: these compare dispatch and retries against the worker path alone (the hostile-files
+    # test below turns it on, where hostile members are the point)
+    base = {"steps": 3, "overrides": FAST_OVERRIDES, "num_workers": 2, "flush_every": 2, "timeout": 120.0,
+            "consensus": False}
     base.update(kw)
     return JobConfig(source=str(source), shadow=str(shadow), out=str(out), **base)
 
@@ -126,10 +130,11 @@ def local_ray(moto_server):
 
 
 def _scan_cmd(source, shadow, out, steps, address):
-    """`decree scan` as a separate driver process on the module's Ray cluster (as with --address on a real one)."""
+    """`decree scan` as a separate driver process on the module's Ray cluster (as with --address on a real one);
+    without the consensus, as _config, since the reference rows come from the worker path alone."""
     return [sys.executable, str(HERE / "faults" / "driver.py"), "scan", str(source), "--shadow", str(shadow),
             "--out", str(out), "--arch", TINY_ARCH, "--steps", str(steps), "--workers", "2", "--address", address,
-            "--quiet", "--timeout", "300", *[a for k, v in FAST_OVERRIDES for a in ("--set", f"{k}={v}")]]
+            "--quiet", "--timeout", "300", "--no-consensus", *[a for k, v in FAST_OVERRIDES for a in ("--set", f"{k}={v}")]]
 
 
 def _kill_group(proc):
@@ -273,12 +278,17 @@ def test_ray_job_over_hostile_and_broken_files_gives_the_same_rows_as_the_worker
     manifest.write_text("".join(json.dumps({"id": c.name, "uri": f"encoders/{c.name}", "arch": c.arch or TINY_ARCH}) + "\n"
                                 for c in cases) + json.dumps({"id": "good", "uri": "encoders/good.safetensors", "arch": TINY_ARCH}) + "\n")
 
-    summary = run_job(_config(manifest, zoo / "shadow.npz", tmp_path / "out"))
+    # by default the job picks consensus members among these files: hostile and broken members must cost no more
+    # than their own rows
+    summary = run_job(_config(manifest, zoo / "shadow.npz", tmp_path / "out", consensus=True))
 
     rows = _results_table(str(tmp_path / "out"))
     assert summary.total == len(rows) == len(cases) + 1 and summary.errors == len(cases)
     assert list(markers.iterdir()) == [] and victim.is_dir()
-    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "o2", tmp_path / "c2"))
+    picked = summary.consensus[TINY_ARCH]
+    assert 3 <= len(picked) <= 9 and all(uri.startswith(str(enc)) for uri in picked)
+    worker = ScanWorker(harness.settings(zoo / "shadow.npz", tmp_path / "o2", tmp_path / "c2",
+                                         bases=resolve((), summary.consensus), auto_bases=tuple(summary.consensus)))
     assert harness.stable(rows) == harness.stable(harness.scan_source(str(manifest), worker))
     worker.close()
     unsafe = [r for r in rows if r["unsafe_globals"]]

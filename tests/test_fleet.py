@@ -61,6 +61,22 @@ def test_groups_do_not_mix_architectures_sizes_or_shadow_sets():
     assert peers["e0"] == 10 and peers["e100"] == 8 and peers["e200"] == 3 and peers["xe0"] == 2
 
 
+def test_each_lineage_is_judged_among_itself_and_an_encoder_of_none_against_the_whole_group():
+    # two bases of one architecture: the second's clean fine-tunes need far smaller natural triggers
+    first = [dict(r, base_group="A") for r in clean_fleet()]
+    second = [row(100 + i, 0.035 + 0.001 * i, label="clean", base_group="B") for i in range(8)]
+    trojan = row(99, 0.012, label="trojaned", base_group="B")  # small among its own lineage
+    lone = row(98, 0.04, label="clean")  # near no lineage: judged against all of them
+    small = [row(200 + i, 0.01, base_group="C") for i in range(2)]  # a lineage too small to be its own group
+    out = {r["id"]: r for r in assign(first + second + [trojan, lone] + small)}
+    assert all(out[f"e{100 + i}"]["verdict"] == "clean" and out[f"e{100 + i}"]["fleet_peers"] == 9 for i in range(8))
+    assert out["e99"]["verdict"] == "trojaned" and out["e99"]["fleet_peers"] == 9
+    assert out["e0"]["fleet_peers"] == 10 and out["e98"]["fleet_peers"] == 22 and out["e200"]["fleet_peers"] == 22
+    pooled = {r["id"]: r for r in assign([{k: v for k, v in r.items() if k != "base_group"}
+                                          for r in first + second + [trojan, lone]])}
+    assert pooled["e100"]["verdict"] == "trojaned"  # without lineages the second base's clean towers stand out
+
+
 def test_references_anchor_a_group_that_is_mostly_trojaned():
     refs = [row(i, 0.16 + 0.01 * i, label="clean") for i in range(3)]
     trojans = [row(10 + i, 0.05 + 0.002 * i, label="trojaned") for i in range(6)]

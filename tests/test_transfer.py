@@ -83,18 +83,25 @@ def test_the_transfer_benchmark_tables_count_verdicts_with_the_base_and_with_the
     from decree.transfer_bench import markdown
 
     def row(i, label, pl1, specific, consensus):
+        near = consensus is not None
         return {"zoo": "z", "split": "report", "family": "clip", "id": f"e{i}", "label": label, "arch": "a",
                 "condition": "photos", "pl1_norm": pl1, "reached_tau": True, "patch_verdict": "clean",
                 "specific_pl1": specific, "specific_verdict": "trojaned" if specific < 0.015 else "clean",
-                "consensus_specific_pl1": consensus,
-                "consensus_specific_verdict": "trojaned" if consensus < 0.015 else "clean",
-                "consensus_members": "e0 e3 e7", "seconds": 1.0, "transfer_seconds": 0.05}
+                **{f"{p}specific_pl1": consensus for p in ("consensus_", "mixed_")},
+                **{f"{p}specific_verdict": None if not near else "trojaned" if consensus < 0.015 else "clean"
+                   for p in ("consensus_", "mixed_")},
+                **{f"{p}members": "z:e0 z:e3 z:e7" if near else "" for p in ("consensus_", "mixed_")},
+                **{f"{p}group": "g1" if near else None for p in ("consensus_", "mixed_")},
+                "seconds": 1.0, "transfer_seconds": 0.05}
 
     rows = [row(i, "clean", 0.035 + i / 1000, 0.033, 0.034) for i in range(6)]
-    rows += [row(6 + i, "trojaned", 0.045, 0.005, 0.02 if i == 0 else 0.006) for i in range(4)]
+    rows += [row(6 + i, "trojaned", 0.045, 0.005, 0.02 if i == 0 else 0.006) for i in range(3)]
+    rows.append(row(9, "trojaned", 0.045, 0.005, None))  # near no group: judged by its PL1 alone
     text = markdown(rows)
-    base_line, consensus_line = [line for line in text.splitlines() if line.startswith("| report |")]
+    base_line, consensus_line, mixed_line = [line for line in text.splitlines() if line.startswith("| report |")]
     cells = [c.strip() for c in base_line.split("|")[1:-1]]
     assert cells[5:9] == ["0.000", "1.000", "0/0", "4/0"]  # AUC −PL1, −specific, threshold PL1, specific
     cells = [c.strip() for c in consensus_line.split("|")[1:-1]]
-    assert cells[3] == "e0 e3 e7(t)" and cells[5:7] == ["1.000", "3/0"]
+    # its group, near one (clean/trojaned), AUC −PL1, AUC −effective (e9: its PL1, above every clean one)
+    assert cells[3] == "z:e0 z:e3 z:e7(t)" and cells[4] == "6/3" and cells[5:7] == ["0.000", "0.750"]
+    assert cells[7] == "2/0" and cells == [c.strip() for c in mixed_line.split("|")[1:-1]]

@@ -27,6 +27,7 @@ from .options import (  # noqa: F401 - EXIT_* and parse_size are part of this mo
     Arch,
     CpusPer,
     Endpoint,
+    Consensus,
     FleetCluster,
     FleetCutoff,
     GpusPer,
@@ -98,6 +99,7 @@ def scan(
     max_checkpoint_size: MaxSize = None,
     reference: References = None,
     base: Bases = None,
+    consensus: Consensus = True,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
     fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
     quiet: Quiet = False,
@@ -136,7 +138,8 @@ def scan(
     table.add_row("results", summary.results)
     console.print(table)
     for arch, members in summary.consensus.items():  # the audited party's names: printed sanitized
-        console.print(_text(f"consensus base of {arch}: the median of {len(members)} encoders: {', '.join(members)}"))
+        console.print(_text(f"consensus base of {arch}: {len(members)} members, a median per group of fine-tunes of "
+                            f"one model: {', '.join(members)}"))
     if summary.skipped_examples:  # never a silent gap: name what was listed but is not a checkpoint
         more = summary.skipped_keys - len(summary.skipped_examples)
         names = ", ".join(str(n)[:200] for n in summary.skipped_examples) + (f" and {more} more" if more > 0 else "")
@@ -170,6 +173,8 @@ def scan_args(config) -> list[str]:
             args += [flag, str(value)]
     if config.trust_sidecar_preprocessing:
         args.append("--trust-sidecar-preprocessing")
+    if not config.consensus:
+        args.append("--no-consensus")
     if config.fleet_cutoff != DEFAULT_CUTOFF:
         args += ["--fleet-cutoff", str(config.fleet_cutoff)]
     if config.fleet_cluster != DEFAULT_CLUSTER:
@@ -219,6 +224,7 @@ def submit(
     max_checkpoint_size: MaxSize = None,
     reference: References = None,
     base: Bases = None,
+    consensus: Consensus = True,
     fleet_cutoff: FleetCutoff = DEFAULT_CUTOFF,
     fleet_cluster: FleetCluster = DEFAULT_CLUSTER,
 ) -> None:

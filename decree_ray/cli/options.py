@@ -99,13 +99,20 @@ Bases = Annotated[
         help="ARCH=SOURCE: the model ARCH's encoders were fine-tuned from (SOURCE: `pretrained` for the offline "
         "weights, a checkpoint path or s3:// uri; repeatable). Each encoder's trigger is stamped for it too: a "
         "natural trigger collapses the base as well, a backdoor's does not (specific_pl1). Only for fine-tunes of it. "
-        "Base unknown: ARCH=consensus (the median of 5 of the scan's own ARCH encoders, spread over the listing) or "
+        "Base unknown: ARCH=consensus (the median of 9 of the scan's own ARCH encoders, picked by uri digest) or "
         "3 to 15 fine-tunes of it named for one ARCH: their coordinate-wise median stands in for it.",
     ),
 ]
 FleetCutoff = Annotated[
     float,
     typer.Option("--fleet-cutoff", min=0.1, help="Anomaly index above which an encoder is an outlier among its peers."),
+]
+Consensus = Annotated[
+    bool,
+    typer.Option("--consensus/--no-consensus",
+                 help="Every architecture the listing names (manifest, --arch) at least 3 times and no --base covers "
+                 "gets a consensus base: up to 9 of its encoders grouped into fine-tunes of one model, each group's "
+                 "weight median standing in for that model; an encoder near one is also judged by specific_pl1."),
 ]
 FleetCluster = Annotated[
     float,
