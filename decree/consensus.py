@@ -19,6 +19,8 @@ none of them gets no transfer score (judged as without a base, never against ano
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,8 +41,6 @@ def pick(names: Sequence[str], k: int = MEMBERS) -> list[str]:
     the listing order (trojans uploaded together are not picked together), and that a listing grown by new
     encoders keeps unless a newcomer sorts among the first `k`: the members enter the settings key, so a re-run
     after the fleet grew still reuses its rows."""
-    import hashlib
-
     unique = list(dict.fromkeys(names))
     return sorted(unique, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:k]
 
@@ -103,7 +103,7 @@ def weight_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     for k in keys:
         x, y = ka[k].flatten().double(), kb[k].flatten().to(ka[k].device).double()
         cos = float(torch.dot(x, y) / (x.norm() * y.norm()).clamp_min(1e-12))
-        total += 1.0 - cos if cos == cos else 1.0  # NaN: as far as can be
+        total += 1.0 if math.isnan(cos) else 1.0 - cos  # NaN: as far as can be
     return total / len(keys)
 
 
@@ -145,8 +145,6 @@ def consensus_bases(members: Sequence[Encoder], names: Sequence[str] | None = No
                     limit: float = FINETUNE_DISTANCE) -> list[Consensus]:
     """One Consensus per group of at least MIN_MEMBERS fine-tunes of one model among `members` (at most
     MAX_MEMBERS in all; `names`: theirs, e.g. uris, for the group's name); none when no such group exists."""
-    import hashlib
-
     if len(members) > MAX_MEMBERS:
         raise ValueError(f"at most {MAX_MEMBERS} consensus members, got {len(members)}")
     names = list(names) if names is not None else [str(i) for i in range(len(members))]
@@ -160,9 +158,8 @@ def nearest(encoder: Encoder, bases: Sequence[Consensus], limit: float = FINETUN
             ) -> tuple[Consensus | None, float | None]:
     """(the consensus `encoder` is a fine-tune of, or None when none is nearer than `limit`; the distance to the
     nearest one, None without any)."""
-    state = encoder.backbone.state_dict()
-    scored = sorted(((weight_distance(state, b.encoder.backbone.state_dict()), i) for i, b in enumerate(bases)))
-    if not scored:
+    if not bases:
         return None, None
-    distance, i = scored[0]
+    state = encoder.backbone.state_dict()
+    distance, i = min((weight_distance(state, b.encoder.backbone.state_dict()), i) for i, b in enumerate(bases))
     return (bases[i] if distance < limit else None), distance

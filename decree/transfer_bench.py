@@ -179,6 +179,7 @@ def markdown(rows: list[dict]) -> str:
                    f"{auc(sel, 'specific_pl1')} | {counts(sel, lambda r: r['patch_verdict'] == 'trojaned')} | "
                    f"{counts(sel, lambda r: r['specific_verdict'] == 'trojaned')} | {counts(sel, lambda r: plain[id(r)])} | "
                    f"{counts(sel, lambda r: based[id(r)])} | {edge(sel, 'specific_pl1')} | {secs:.2f} | {tsecs:.3f} |")
+    label = {f"{r['zoo']}:{r['id']}": r["label"] for r in rows}  # a member's label, by the id its group names
     for prefix, title in (("consensus_", "## Base unknown: the default consensus (each family's own folder)"),
                           ("mixed_", "## Base unknown, several bases: every zoo's encoders of an architecture in one listing")):
         out += ["", title, "", f"{MEMBERS} encoders picked as a scan picks them (decree.consensus.pick), trojans among them, grouped into fine-tunes of "
@@ -193,10 +194,9 @@ def markdown(rows: list[dict]) -> str:
             for r in sel:
                 r[f"{prefix}effective"] = r[f"{prefix}specific_pl1"] if r[f"{prefix}specific_pl1"] is not None \
                     else r["pl1_norm"]
-            label = {f"{r['zoo']}:{r['id']}": r["label"] for r in rows}
-            groups = sorted({r[f"{prefix}members"] for r in sel if r[f"{prefix}members"]})
+            named = sorted({r[f"{prefix}members"] for r in sel if r[f"{prefix}members"]})
             members = "; ".join(" ".join(m.replace("zoo-", "") + ("(t)" if label.get(m) == "trojaned" else "") for m in g.split())
-                                for g in groups) or "none"
+                                for g in named) or "none"
             near = counts(sel, lambda r: r[f"{prefix}specific_pl1"] is not None).split("/")
             flagged = counts(sel, lambda r: r["patch_verdict"] == "trojaned" or r[f"{prefix}specific_verdict"] == "trojaned")
             out.append(f"| {split} | {cond} | {fam} | {members} | {near[1]}/{near[0]} | {auc(sel, 'pl1_norm')} | "
