@@ -5,8 +5,9 @@ the source lists, and for each architecture named `consensus` takes decree.conse
 uri's digest sorts first: decree.consensus.pick); each worker groups them into fine-tunes of one model and builds each group's
 coordinate-wise median (decree.consensus) as the base of the encoders near it. By default (`--consensus`) every
 architecture the listing names at least MIN_MEMBERS times and no --base covers is picked for the same way.
-The members are scanned like every other encoder and named in the job summary; the resolved list enters the
-settings key, so a resumed run over the same listing reuses its rows.
+The members are scanned like every other encoder and named in the job summary; an architecture's resolved members
+enter its settings key, so a resumed run over the same listing reuses its rows, and new members of one
+architecture rescan that architecture alone.
 
 Members are the audited party's files. The median votes out a backdoor that fewer than half of them share;
 members chosen to share one trigger only bring their trojans back to PL1 alone (a trigger that transfers keeps

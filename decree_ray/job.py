@@ -111,9 +111,11 @@ class _Job:
         self.auto_bases: tuple[str, ...] = ()  # architectures whose consensus was picked by default
 
     def _open_resume(self) -> None:
-        """Index the earlier rows under this run's settings key (known once the consensus members are picked)."""
-        self.settings_key = self._settings_key()
-        self.resume = ResumeState(self._finished, self.settings_key, self.cfg.profile, self.cfg.s3)
+        """Index the earlier rows under this run's settings keys (known once the consensus members are picked); the
+        shadow set enters them by the SHA-256 of its file's bytes."""
+        self.shadow_sha256 = results_mod.shadow_digest(self.cfg.shadow, self.cfg.s3)
+        self.resume = ResumeState(self._finished, results_mod.SettingsKeys(self.cfg, self.shadow_sha256),
+                                  self.cfg.profile, self.cfg.s3)
         self.summary.other_settings = self.resume.other_settings  # rescanned, never reused
         self._finished = None
 
@@ -139,11 +141,6 @@ class _Job:
     def _then_done(self, tasks: Iterator[EncoderTask]) -> Iterator[EncoderTask]:
         yield from tasks
         self.counts.listing_done = True
-
-    def _settings_key(self) -> str:
-        """results.settings_key of this run; the shadow set enters by the SHA-256 of its file's bytes."""
-        shadow = results_mod.shadow_digest(self.cfg.shadow, self.cfg.s3)
-        return results_mod.settings_key_of(self.cfg, shadow)
 
     # -- actors -------------------------------------------------------------------------------------
     def _actor_options(self) -> ActorShape:
@@ -179,7 +176,7 @@ class _Job:
             overrides=self.cfg.overrides,
             bases=self.cfg.bases,
             auto_bases=self.auto_bases,
-            settings_key=self.settings_key,
+            shadow_sha256=self.shadow_sha256,
         )
         if self._actor_cls is None:
             self._actor_cls = ray.remote(ScanWorker)

@@ -192,13 +192,29 @@ def settings_key(*, profile: str, overrides=(), steps: int | None = None, thresh
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def settings_key_of(settings, shadow_sha256: str) -> str:
-    """settings_key of a JobConfig (the driver) or a ScanSettings (a worker): they name these fields alike, so a
-    setting added to the key is added in one place and driver and workers cannot disagree."""
+def settings_key_of(settings, shadow_sha256: str, arch: str | None) -> str:
+    """settings_key of a JobConfig (the driver) or a ScanSettings (a worker) for encoders of `arch`: they name
+    these fields alike, so a setting added to the key is added in one place and driver and workers cannot
+    disagree. Only `arch`'s own bases enter: a consensus member that changes in one architecture rescans that
+    architecture, not the whole fleet."""
     s = settings
     return settings_key(profile=s.profile, overrides=s.overrides, steps=s.steps, threshold=s.threshold,
                         shadow_limit=s.shadow_limit, shadow_sha256=shadow_sha256, image_size=s.image_size,
-                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing, bases=s.bases)
+                        trust_sidecar_preprocessing=s.trust_sidecar_preprocessing,
+                        bases=tuple((a, src) for a, src in s.bases if a == arch))
+
+
+class SettingsKeys:
+    """settings_key_of per architecture, computed once each: `keys(arch)`."""
+
+    def __init__(self, settings, shadow_sha256: str):
+        self.settings, self.shadow_sha256 = settings, shadow_sha256
+        self._keys: dict[str | None, str] = {}
+
+    def __call__(self, arch: str | None) -> str:
+        if arch not in self._keys:
+            self._keys[arch] = settings_key_of(self.settings, self.shadow_sha256, arch)
+        return self._keys[arch]
 
 
 def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:
@@ -220,15 +236,27 @@ def shadow_digest(uri: str, options: S3Options = DEFAULT_S3) -> str:
 CLAIMED = "+claimed"  # marks a content key whose preprocessing was the audited party's claim, checked
 
 
-def key_settings(key: str | None) -> str | None:
-    """The settings part of a content key (None for keys written before it existed)."""
+def _key_parts(key: str | None) -> list | None:
     try:
         parts = json.loads(key) if key else None
     except ValueError:
         return None
-    if not (isinstance(parts, list) and len(parts) == 8 and isinstance(parts[7], str)):
+    return parts if isinstance(parts, list) and len(parts) == 8 and isinstance(parts[7], str) else None
+
+
+def key_settings(key: str | None) -> str | None:
+    """The settings part of a content key (None for keys written before it existed)."""
+    parts = _key_parts(key)
+    return None if parts is None else parts[7].removesuffix(CLAIMED)  # a checked claim is still this run's settings
+
+
+def made_with(key: str | None, keys) -> bool | None:
+    """Whether a content key was made with this run's settings for its own architecture (`keys(arch)`, a
+    SettingsKeys); None for keys written before the settings part existed."""
+    parts = _key_parts(key)
+    if parts is None:
         return None
-    return parts[7].removesuffix(CLAIMED)  # a checked claim is still made with this run's settings
+    return parts[7].removesuffix(CLAIMED) == keys(parts[1] if isinstance(parts[1], str) else None)
 
 
 def _floats(values) -> list[float] | None:
@@ -246,10 +274,11 @@ def ok_rows_by_content(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["content_key"]: r for r in rows if r["status"] == "ok" and r.get("content_key")}
 
 
-def ok_rows_by_uri(rows: list[dict[str, Any]], settings: str) -> dict[str, dict[str, Any]]:
-    """Ok rows made with `settings` that carry a listing identity, by uri (resume without a download)."""
+def ok_rows_by_uri(rows: list[dict[str, Any]], keys) -> dict[str, dict[str, Any]]:
+    """Ok rows made with this run's settings (`keys(arch)`) that carry a listing identity, by uri (resume
+    without a download)."""
     return {r["uri"]: r for r in rows if r["status"] == "ok" and r.get("source_identity") and r.get("sha256")
-            and key_settings(r.get("content_key")) == settings}
+            and made_with(r.get("content_key"), keys)}
 
 
 def legacy_ok_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:

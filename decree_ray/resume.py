@@ -4,7 +4,8 @@ Three ways a row is reused, cheapest first:
 - an unchanged entry (its listing identity and content key match a finished row): no download at all;
 - identical content (the same content key, this run or an earlier one): downloaded and hashed, not scanned;
 - a table from before the content_key column: reused for its own uri only.
-Rows made with other settings (profile, overrides, steps, threshold, shadow set) are never reused.
+Rows made with other settings (profile, overrides, steps, threshold, shadow set, their architecture's bases)
+are never reused.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from .storage import S3Options
 
 
 class ResumeState:
-    def __init__(self, finished: list[dict[str, Any]], settings_key: str, profile: str, s3: S3Options):
-        self.settings_key, self.profile, self.s3 = settings_key, profile, s3
+    def __init__(self, finished: list[dict[str, Any]], keys: results_mod.SettingsKeys, profile: str, s3: S3Options):
+        self.keys, self.profile, self.s3 = keys, profile, s3  # keys(arch): this run's settings key for arch
         self.by_content = results_mod.ok_rows_by_content(finished)
         self.legacy = results_mod.legacy_ok_rows(finished)
-        self.by_uri = results_mod.ok_rows_by_uri(finished, settings_key)
+        self.by_uri = results_mod.ok_rows_by_uri(finished, keys)
         self.other_settings = sum(1 for r in finished if r["status"] == "ok"
-                                  and results_mod.key_settings(r.get("content_key")) not in (None, settings_key))
+                                  and results_mod.made_with(r.get("content_key"), keys) is False)
 
     def key(self, sha256: str, task: EncoderTask) -> str:
-        return results_mod.task_content_key(sha256, task, self.profile, self.settings_key)
+        return results_mod.task_content_key(sha256, task, self.profile, self.keys(task.arch))
 
     def unchanged_row(self, task: EncoderTask) -> dict[str, Any] | None:
         """The finished row of an entry whose listing identity is unchanged, if its key still matches: the

@@ -49,7 +49,7 @@ class ScanSettings:
     bases: tuple[tuple[str, str], ...] = ()  # (arch, "pretrained" | checkpoint path | s3 uri): decree.transfer
     auto_bases: tuple[str, ...] = ()  # architectures whose consensus the job picked by default (decree_ray.bases)
     s3: S3Options = field(default_factory=S3Options)
-    settings_key: str | None = None  # results.settings_key; None: computed from the shadow file this worker reads
+    shadow_sha256: str | None = None  # the driver's digest of the shadow set; None: of the file this worker reads
 
 
 EVIDENCE_COLUMNS = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
@@ -157,7 +157,7 @@ class ScanWorker:
         self.cache.mkdir(parents=True, exist_ok=True)
         self._shadow = None
         self._config = None
-        self._settings_key = settings.settings_key
+        self._keys = None  # results.SettingsKeys, once the shadow set's digest is known
         self._held: dict[str, _Held] = {}  # fetched, not yet scanned or dropped; by uri, in fetch order
         from decree.encoders.contained import ContainedReader
 
@@ -195,10 +195,10 @@ class ScanWorker:
 
             path, delete = storage.fetch(self.settings.shadow, self.cache / "shadow", self.settings.s3)
             try:
-                if self._settings_key is None:
-                    from .results import settings_key_of, shadow_digest
+                if self._keys is None:
+                    from .results import SettingsKeys, shadow_digest
 
-                    self._settings_key = settings_key_of(self.settings, shadow_digest(str(path)))
+                    self._keys = SettingsKeys(self.settings, self.settings.shadow_sha256 or shadow_digest(str(path)))
                 self._shadow = ShadowSet(path, limit=self.settings.shadow_limit)  # decoded once, tensors per size
             finally:
                 if delete:
@@ -273,7 +273,7 @@ class ScanWorker:
             raise RuntimeError(f"scan({uri!r}) without a successful fetch()")
         task = held.task
         self._shadow_set()
-        key = content_key(held.sha256, task, self.settings.profile, self._settings_key)  # the driver matches on it
+        key = content_key(held.sha256, task, self.settings.profile, self._keys(task.arch))  # the driver matches on it
         known = dict(sha256=held.sha256, size_bytes=held.size, content_key=key)
         try:
             if not task.arch:
