@@ -65,13 +65,16 @@ bench-zoos: install
 bench-quality: bench-zoos
 	$(BIN)/decree bench --out bench $(BENCH_ARGS)
 
-# bench/TRANSFER.md and bench/transfer.csv: the base-model transfer score (--base), tune (seed 0) vs report (seed 1)
+# bench/TRANSFER.md and bench/transfer.csv: the base-model transfer score (--base) and the default consensus, on the
+# bench-quality zoos' 32-px families: tune (seed 0) vs report (seed 1)
 bench-transfer: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-clip-tune --family clip --clean 6 --trojaned 8 --seed 0
-	$(BIN)/decree zoo build $(ZOOS)/zoo-transfer-tune --family i2i-large --clean 6 --trojaned 8 --seed 0
-	$(BIN)/decree zoo build $(ZOOS)/zoo-transfer-report --family clip --family i2i-large --clean 6 --trojaned 8 --seed 1
-	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-clip-tune --zoo $(ZOOS)/zoo-transfer-tune \
-	    --zoo $(ZOOS)/zoo-transfer-report --out bench
+	$(BIN)/decree zoo build $(ZOOS)/zoo-tune --family image-on-image --family i2i-large --family i2i-global \
+	    --clean 6 --trojaned 8 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-report --family image-on-image --family i2i-large --family i2i-global \
+	    --family clip --clean 6 --trojaned 8 --seed 1
+	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-clip-tune --zoo $(ZOOS)/zoo-tune \
+	    --zoo $(ZOOS)/zoo-report --out bench
 
 # bench/RELIABILITY.md and bench/reliability/*.json: only this target writes them (tests leave the tree clean)
 reliability: install
