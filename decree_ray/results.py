@@ -244,18 +244,13 @@ def _key_parts(key: str | None) -> list | None:
     return parts if isinstance(parts, list) and len(parts) == 8 and isinstance(parts[7], str) else None
 
 
-def key_settings(key: str | None) -> str | None:
-    """The settings part of a content key (None for keys written before it existed)."""
-    parts = _key_parts(key)
-    return None if parts is None else parts[7].removesuffix(CLAIMED)  # a checked claim is still this run's settings
-
-
 def made_with(key: str | None, keys) -> bool | None:
     """Whether a content key was made with this run's settings for its own architecture (`keys(arch)`, a
     SettingsKeys); None for keys written before the settings part existed."""
     parts = _key_parts(key)
     if parts is None:
         return None
+    # a checked claim is still made with this run's settings
     return parts[7].removesuffix(CLAIMED) == keys(parts[1] if isinstance(parts[1], str) else None)
 
 
