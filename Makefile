@@ -8,7 +8,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 DEMO    ?= .demo
 
-.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-scale reliability clean
+.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-scale bench-memory reliability clean
 
 install: $(STAMP) $(FMNIST) $(CHROMIUM)
 
@@ -42,7 +42,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-bench: bench-quality bench-transfer bench-scale
+bench: bench-quality bench-transfer bench-scale bench-memory
 
 # The committed run: tune zoo (seed 0), report-only zoos (seed 1, and the 224-px family), both shadow
 # conditions, both profiles interleaved (paper skips 224 px: ~20 CPU-minutes an encoder, and the from-scratch
@@ -83,6 +83,11 @@ reliability: install
 bench-scale: install
 	$(BIN)/python -m decree_ray.bench_scale --out bench --n 1000 --keys 100000
 	$(BIN)/python -m decree_ray.bench_driver --out bench --n 10000 100000
+
+# bench/MEMORY.md: a worker's memory while it builds the default 9-member consensus of ViT-L/14 towers (~13 GB of
+# RAM for the old way it measures against, 11 GB of disk under /tmp; run it alone)
+bench-memory: install
+	$(BIN)/python -m decree_ray.bench_memory --out bench --arch open_clip/ViT-L-14 --repeats 1
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ from .encoders import Encoder
 from .errors import CheckpointError
 
 MIN_MEMBERS = 3  # a median of two is their mean: one backdoored member would move it halfway
-MAX_MEMBERS = 15  # every member is held in memory while the median is taken
+MAX_MEMBERS = 15  # every member is read for each tensor's median (a worker keeps them on disk: SavedState)
 MEMBERS = 9  # picked from a listing by default or `--base ARCH=consensus`: 3 to 14 separated alike on the tune CLIP family;
 # 9 leaves room for two bases of one architecture to form a group of at least 3 each
 FINETUNE_DISTANCE = 0.1  # weight_distance under which two encoders count as fine-tunes of one model (measured below)
@@ -45,7 +46,7 @@ def pick(names: Sequence[str], k: int = MEMBERS) -> list[str]:
     return sorted(unique, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:k]
 
 
-def median_state_dict(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def median_state_dict(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The coordinate-wise median of state dicts with the same keys and shapes (integer buffers too: a batch
     norm's step counter; a tie between the two middle values takes the lower, as torch.median does)."""
     if not states:
@@ -56,13 +57,15 @@ def median_state_dict(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, to
             raise CheckpointError(f"consensus member {i + 1} has other weights than member 1")
     out = {}
     for k in keys:
-        first = states[0][k]
-        if any(sd[k].shape != first.shape for sd in states):
+        values = [sd[k] for sd in states]  # read once: a SavedState reads it from disk
+        first = values[0]
+        if any(v.shape != first.shape for v in values):
             raise CheckpointError(f"consensus members disagree on the shape of {k}")
         if first.dtype == torch.bool:
             out[k] = first.clone()
             continue
-        stack = torch.stack([sd[k].to(torch.float32 if first.is_floating_point() else torch.int64) for sd in states])
+        stack = torch.stack([v.to(torch.float32 if first.is_floating_point() else torch.int64) for v in values])
+        del values
         out[k] = stack.median(dim=0).values.to(first.dtype)
     return out
 
@@ -83,38 +86,48 @@ def consensus_encoder(members: Sequence[Encoder]) -> Encoder:
     import copy
 
     base = copy.deepcopy(members[0])
-    base.backbone.load_state_dict(median_state_dict([m.backbone.state_dict() for m in members]))
+    median_into([m.backbone.state_dict() for m in members], base.backbone)
     return base.eval().requires_grad_(False)
 
 
-def _kernels(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if v.is_floating_point() and v.dim() >= 2}
-
-
-def weight_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def weight_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """The mean over the weight matrices and kernels both hold (same name, same shape) of 1 − their cosine: near 0
     for fine-tunes of one model, near 1 for models trained apart. Per tensor and by angle, so that rescaling a layer
     (which a following normalization undoes) does not move it; 1.0 when they share no kernel."""
-    ka, kb = _kernels(a), _kernels(b)
-    keys = [k for k in ka if k in kb and ka[k].shape == kb[k].shape]
-    if not keys:
-        return 1.0
-    total = 0.0
-    for k in keys:
-        x, y = ka[k].flatten().double(), kb[k].flatten().to(ka[k].device).double()
-        cos = float(torch.dot(x, y) / (x.norm() * y.norm()).clamp_min(1e-12))
-        total += 1.0 if math.isnan(cos) else 1.0 - cos  # NaN: as far as can be
-    return total / len(keys)
+    return distance_matrix([a, b])[0][1]
 
 
-def clusters(states: Sequence[dict[str, torch.Tensor]], limit: float = FINETUNE_DISTANCE) -> list[list[int]]:
-    """Indices of `states` grouped so that every two in a group are nearer than `limit` (complete linkage: a chain
-    of in-between models cannot join two bases), largest group first."""
+def distance_matrix(states: Sequence[Mapping[str, torch.Tensor]]) -> list[list[float]]:
+    """weight_distance between every two of `states`, in one pass over the tensor names: each name's tensors are
+    read once for all pairs, so members kept on disk (SavedState) are read once each, not once per pair."""
     n = len(states)
+    total = [[0.0] * n for _ in range(n)]
+    count = [[0] * n for _ in range(n)]
+    names = list(dict.fromkeys(k for sd in states for k in sd))
+    for k in names:
+        held = [(i, sd[k]) for i, sd in enumerate(states) if k in sd]
+        held = [(i, v.shape, v.flatten().double()) for i, v in held if v.is_floating_point() and v.dim() >= 2]
+        for x in range(len(held)):
+            i, shape, vi = held[x]
+            for y in range(x + 1, len(held)):
+                j, other, vj = held[y]
+                if shape != other:  # pairs of the same shape only
+                    continue
+                cos = float(torch.dot(vi, vj) / (vi.norm() * vj.norm()).clamp_min(1e-12))
+                total[i][j] += 1.0 if math.isnan(cos) else 1.0 - cos  # NaN: as far as can be
+                count[i][j] += 1
     d = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
-            d[i][j] = d[j][i] = weight_distance(states[i], states[j])
+            d[i][j] = d[j][i] = total[i][j] / count[i][j] if count[i][j] else 1.0
+    return d
+
+
+def clusters(states: Sequence[Mapping[str, torch.Tensor]], limit: float = FINETUNE_DISTANCE) -> list[list[int]]:
+    """Indices of `states` grouped so that every two in a group are nearer than `limit` (complete linkage: a chain
+    of in-between models cannot join two bases), largest group first."""
+    n = len(states)
+    d = distance_matrix(states)
     groups = [[i] for i in range(n)]
     while True:
         best = None
@@ -127,6 +140,52 @@ def clusters(states: Sequence[dict[str, torch.Tensor]], limit: float = FINETUNE_
             return sorted(groups, key=lambda g: (-len(g), g[0]))
         _, gi, gj = best
         groups[gi] = sorted(groups[gi] + groups.pop(gj))
+
+
+class SavedState(Mapping[str, torch.Tensor]):
+    """A member's weights kept in a safetensors file and read one tensor at a time.
+
+    Holding every member of a consensus in memory costs that many models at once (9 ViT-L/14 towers: 11.9 GB);
+    the median and the distances need one tensor of each member at a time (bench/MEMORY.md: 1.5 GB). `save`
+    writes an already checked state dict (the worker loaded it into the architecture first); nothing else is
+    ever read from the file."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        self._keys = list(self._file.keys())
+
+    @classmethod
+    def save(cls, state: Mapping[str, torch.Tensor], path: str | Path) -> SavedState:
+        from safetensors.torch import save_file
+
+        seen: set[tuple[int, int]] = set()
+        out = {}
+        for k, v in state.items():
+            v = v.detach().cpu()
+            ident = (v.untyped_storage().data_ptr(), v.storage_offset())
+            # tied weights share storage and channels-last kernels are not contiguous, which safetensors refuses
+            out[k] = v.clone(memory_format=torch.contiguous_format) if ident in seen else v.contiguous()
+            seen.add(ident)
+        save_file(out, str(path))
+        del out
+        return cls(path)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
 
 
 @dataclass(frozen=True)
@@ -147,11 +206,56 @@ def consensus_bases(members: Sequence[Encoder], names: Sequence[str] | None = No
     MAX_MEMBERS in all; `names`: theirs, e.g. uris, for the group's name); none when no such group exists."""
     if len(members) > MAX_MEMBERS:
         raise ValueError(f"at most {MAX_MEMBERS} consensus members, got {len(members)}")
-    names = list(names) if names is not None else [str(i) for i in range(len(members))]
-    groups = clusters([m.backbone.state_dict() for m in members], limit)
-    return [Consensus(consensus_encoder([members[i] for i in g]), tuple(g),
-                      hashlib.sha256("\n".join(sorted(names[i] for i in g)).encode()).hexdigest()[:16])
-            for g in groups if len(g) >= MIN_MEMBERS]
+    if any(m.arch != members[0].arch for m in members):
+        raise CheckpointError("consensus members must share one architecture")
+    import copy
+
+    states = [m.backbone.state_dict() for m in members]
+    return consensus_from_states(states, names, lambda i: copy.deepcopy(members[i]), limit)
+
+
+def consensus_from_states(states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None,
+                          build: Callable[[int], Encoder], limit: float = FINETUNE_DISTANCE) -> list[Consensus]:
+    """consensus_bases over members' state dicts (of one architecture; SavedState keeps them on disk):
+    `build(i)` gives the encoder to hold the median of a group whose first member is `i` (its weights are
+    overwritten in place, tensor by tensor, so no second model's worth of memory is needed for the median)."""
+    if len(states) > MAX_MEMBERS:
+        raise ValueError(f"at most {MAX_MEMBERS} consensus members, got {len(states)}")
+    names = list(names) if names is not None else [str(i) for i in range(len(states))]
+    out = []
+    for g in clusters(states, limit):
+        if len(g) < MIN_MEMBERS:
+            continue
+        encoder = build(g[0])
+        median_into([states[i] for i in g], encoder.backbone)
+        out.append(Consensus(encoder.eval().requires_grad_(False), tuple(g),
+                             hashlib.sha256("\n".join(sorted(names[i] for i in g)).encode()).hexdigest()[:16]))
+    return out
+
+
+def median_into(states: Sequence[Mapping[str, torch.Tensor]], model: torch.nn.Module) -> None:
+    """Overwrite `model`'s weights and buffers with the members' coordinate-wise median, one tensor at a time."""
+    target = _state_tensors(model)
+    if any(set(sd.keys()) != set(target) for sd in states):
+        raise CheckpointError("consensus members have other weights than the architecture")
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(median_state_dict([{k: sd[k]} for sd in states])[k])
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors behind `model.state_dict()`'s names, themselves: state_dict may hand out copies (an Encoder
+    gives contiguous ones of its channels-last kernels), and writing into a copy changes nothing."""
+    out = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in module._parameters.items():
+            if p is not None:
+                out[dot + name] = p
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out[dot + name] = b
+    return out
 
 
 def nearest(encoder: Encoder, bases: Sequence[Consensus], limit: float = FINETUNE_DISTANCE

@@ -154,11 +154,14 @@ def markdown(rows: list[dict]) -> str:
     def counts(sel, flag):
         return f"{sum(flag(r) for r in sel if r['label'] == 'trojaned')}/{sum(flag(r) for r in sel if r['label'] == 'clean')}"
 
+    def values(sel, col, label):  # col: a column, or a function of the row (read only: rows stay as given)
+        return [col(r) if callable(col) else r[col] for r in sel if r["label"] == label]
+
     def auc(sel, col):
-        return _f(_auc([r[col] for r in sel if r["label"] == "trojaned"], [r[col] for r in sel if r["label"] == "clean"])[0])
+        return _f(_auc(values(sel, col, "trojaned"), values(sel, col, "clean"))[0])
 
     def edge(sel, col):
-        pos, neg = [r[col] for r in sel if r["label"] == "trojaned"], [r[col] for r in sel if r["label"] == "clean"]
+        pos, neg = values(sel, col, "trojaned"), values(sel, col, "clean")
         return f"{max(pos):.4f} / {min(neg):.4f}" if pos and neg else "-"
 
     out = ["# Base-model transfer: does the trigger collapse the model the encoder was fine-tuned from?", "",
@@ -190,18 +193,18 @@ def markdown(rows: list[dict]) -> str:
                 "max trojan / min clean effective |", "|" + "---|" * 11]
         folder = _folder(rows, prefix)
         without = plain if prefix == "consensus_" else _folder(rows, None, pooled=True)
+        def effective(r, prefix=prefix):
+            return r[f"{prefix}specific_pl1"] if r[f"{prefix}specific_pl1"] is not None else r["pl1_norm"]
+
         for (split, cond, fam), sel in ordered:
-            for r in sel:
-                r[f"{prefix}effective"] = r[f"{prefix}specific_pl1"] if r[f"{prefix}specific_pl1"] is not None \
-                    else r["pl1_norm"]
             named = sorted({r[f"{prefix}members"] for r in sel if r[f"{prefix}members"]})
             members = "; ".join(" ".join(m.replace("zoo-", "") + ("(t)" if label.get(m) == "trojaned" else "") for m in g.split())
                                 for g in named) or "none"
             near = counts(sel, lambda r: r[f"{prefix}specific_pl1"] is not None).split("/")
             flagged = counts(sel, lambda r: r["patch_verdict"] == "trojaned" or r[f"{prefix}specific_verdict"] == "trojaned")
             out.append(f"| {split} | {cond} | {fam} | {members} | {near[1]}/{near[0]} | {auc(sel, 'pl1_norm')} | "
-                       f"{auc(sel, prefix + 'effective')} | {flagged} | {counts(sel, lambda r: without[id(r)])} | "
-                       f"{counts(sel, lambda r: folder[id(r)])} | {edge(sel, prefix + 'effective')} |")
+                       f"{auc(sel, effective)} | {flagged} | {counts(sel, lambda r: without[id(r)])} | "
+                       f"{counts(sel, lambda r: folder[id(r)])} | {edge(sel, effective)} |")
     return "\n".join(out) + "\n"
 
 

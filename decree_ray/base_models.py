@@ -15,6 +15,8 @@ one only leaves those rows without a transfer score (`base_members` 0), as a sca
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,47 +56,89 @@ class BaseModels:
         return self._loaded[key]
 
     def _consensus(self, arch: str, sources: list[str], image_size: int | None):
-        """The medians of the groups of members that load with finite weights."""
-        from decree.consensus import MIN_MEMBERS, consensus_bases, finite
+        """The medians of the groups of members that load with finite weights.
 
-        members, names, failed = [], [], []
+        Members are read one after another into one model of the architecture (which checks each strictly),
+        written from it to the worker's cache as safetensors, and the first group's median is then written into
+        that same model tensor by tensor: a worker holds about two models while it builds a consensus of nine
+        (bench/MEMORY.md), not nine."""
+        import copy
+
+        from decree.consensus import MIN_MEMBERS, consensus_from_states, finite
+        from decree.encoders import create_encoder, load_into
+
+        self._cache.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="members-", dir=self._cache))
+        states, names, failed = [], [], []
+        model = None  # the architecture, built once from the first member that loads
         # members that hang until --load-timeout must not eat the first encoder's --timeout: all of them together
         # get twice one checkpoint's budget, the rest are skipped
         budget, t0 = 2 * self.settings.load_timeout, time.monotonic()
-        for source in sources:
-            if time.monotonic() - t0 > budget:
-                failed.append(f"{source}: skipped, the members' load budget ({budget:.0f} s) is spent")
-                continue
-            try:
-                member = self._member(arch, source, image_size)
-                if not finite(member):
-                    raise ValueError("non-finite weights (NaN/Inf)")
-                members.append(member)
-                names.append(source)
-            except Exception as e:  # noqa: BLE001 - counted and named below
-                failed.append(f"{source}: {self._error_text(e)}")
-        if len(members) < MIN_MEMBERS:
-            if arch in self.settings.auto_bases:
-                return []  # picked by default: these rows are judged as without a base
-            raise RuntimeError(f"{len(members)} of {len(sources)} consensus members loaded (at least {MIN_MEMBERS} "
-                               "needed); " + "; ".join(failed)[:2000])
-        bases = consensus_bases(members, names)
-        for b in bases:
-            b.encoder.to(self._device)
-        return bases
+        try:
+            for source in sources:
+                if time.monotonic() - t0 > budget:
+                    failed.append(f"{source}: skipped, the members' load budget ({budget:.0f} s) is spent")
+                    continue
+                try:
+                    state = self._read(arch, source)
+                    if model is None:
+                        model = create_encoder(arch, state, image_size=image_size)
+                    else:
+                        load_into(model.backbone, state)
+                    state = None
+                    if not finite(model):
+                        raise ValueError("non-finite weights (NaN/Inf)")
+                    states.append(self._keep(model.backbone.state_dict(), folder / f"{len(states)}.safetensors"))
+                    names.append(source)
+                except Exception as e:  # noqa: BLE001 - counted and named below
+                    failed.append(f"{source}: {self._error_text(e)}")
+                finally:
+                    state = None  # the next member is read with this one released
+            if len(states) < MIN_MEMBERS:
+                if arch in self.settings.auto_bases:
+                    return []  # picked by default: these rows are judged as without a base
+                raise RuntimeError(f"{len(states)} of {len(sources)} consensus members loaded (at least "
+                                   f"{MIN_MEMBERS} needed); " + "; ".join(failed)[:2000])
+            spare = [model]  # the first group's median goes into the members' model, another group's into a copy
+            bases = consensus_from_states(states, names, lambda _first: spare.pop() if spare else copy.deepcopy(model))
+            for b in bases:
+                b.encoder.to(self._device)
+            return bases
+        finally:
+            states = None
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def _keep(state: dict, path: Path):
+        """The member on disk (read back a tensor at a time), or in memory when the cache's disk lacks room for it:
+        a full disk costs memory, as before, never the consensus."""
+        from decree.consensus import SavedState
+
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        if shutil.disk_usage(path.parent).free < 2 * size + (1 << 30):
+            return {k: v.detach().cpu().clone() for k, v in state.items()}  # a copy: the next member overwrites it
+        return SavedState.save(state, path)
 
     def _member(self, arch: str, source: str, image_size: int | None):
         from decree.encoders import create_encoder
 
         if source == "pretrained":
             return create_encoder(arch, pretrained=True, image_size=image_size)
+        return create_encoder(arch, self._read(arch, source), image_size=image_size)
+
+    def _read(self, arch: str, source: str) -> dict:
+        """The state dict of a base or member: the offline weights registered for `arch`, or a checkpoint read
+        like any encoder's (size refused before the download, parsed in the loader process)."""
+        if source == "pretrained":
+            from decree.encoders.registry import pretrained_state_dict
+
+            return pretrained_state_dict(arch)
         limit = self.settings.max_checkpoint_bytes
         if limit is not None and (size := storage.size_of(source, self.settings.s3)) > limit:
             raise ValueError(f"{size} bytes, over --max-checkpoint-size ({limit} bytes)")
         path, delete = storage.fetch(source, self._cache / "base", self.settings.s3)
         try:
-            state = self._reader.read(path, max_bytes=limit, name=source.rsplit("/", 1)[-1])
+            return self._reader.read(path, max_bytes=limit, name=source.rsplit("/", 1)[-1])
         finally:
             if delete:
                 path.unlink(missing_ok=True)
-        return create_encoder(arch, state, image_size=image_size)

@@ -6,7 +6,13 @@ import pytest
 import torch
 from twins import corner_twins
 
-from decree.consensus import FINETUNE_DISTANCE, clusters, consensus_encoder, median_state_dict, weight_distance
+from decree.consensus import (
+    FINETUNE_DISTANCE,
+    clusters,
+    consensus_encoder,
+    median_state_dict,
+    weight_distance,
+)
 from decree.errors import CheckpointError
 
 
@@ -96,8 +102,8 @@ def test_a_worker_builds_the_consensus_of_its_members_and_a_broken_member_is_eac
     import shutil
 
     from faults import harness
-    from safetensors.torch import load_file, save_file
     from faults.zoo import TINY_ARCH, write_encoder
+    from safetensors.torch import load_file, save_file
 
     from decree_ray.worker import ScanWorker
 
@@ -252,3 +258,140 @@ def test_members_that_load_slowly_cannot_spend_more_than_twice_the_load_timeout(
             with pytest.raises(RuntimeError, match="2 of 6 consensus members loaded.*load budget"):
                 bases.get(TINY_ARCH, None)
             assert SlowReader.calls == 2
+
+
+def test_members_kept_on_disk_give_the_same_groups_and_median_as_members_in_memory(tmp_path):
+    """SavedState is the worker's way to hold members (one tensor at a time); it must change nothing but memory,
+    for tied weights and channels-last kernels too (safetensors refuses both as they come)."""
+    from decree.consensus import SavedState, consensus_from_states, distance_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    a = {"conv": torch.randn(8, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+         "fc": torch.randn(4, 8, generator=gen), "n": torch.tensor(3)}
+    a["tied"] = a["fc"]
+    b = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in a.items()}
+    fleet = [_moved(a, 0.05, i) for i in range(4)] + [_moved(b, 0.05, 10 + i) for i in range(3)]
+    fleet[0]["tied"] = fleet[0]["fc"]
+    saved = [SavedState.save(sd, tmp_path / f"{i}.safetensors") for i, sd in enumerate(fleet)]
+    assert sorted(saved[0]) == sorted(fleet[0]) and torch.equal(saved[0]["conv"], fleet[0]["conv"])
+    flat = [d for row in distance_matrix(saved) for d in row]
+    assert flat == pytest.approx([d for row in distance_matrix(fleet) for d in row])
+    assert clusters(saved) == clusters(fleet) == [[0, 1, 2, 3], [4, 5, 6]]
+
+    class Holder(torch.nn.Module):  # an "encoder" whose backbone holds exactly these tensors
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Module()
+            for k, v in fleet[0].items():
+                self.backbone.register_buffer(k, torch.zeros_like(v))
+
+    names = [f"m{i}" for i in range(7)]
+    on_disk = consensus_from_states(saved, names, lambda _first: Holder())
+    in_memory = consensus_from_states(fleet, names, lambda _first: Holder())
+    assert [c.indices for c in on_disk] == [c.indices for c in in_memory] == [(0, 1, 2, 3), (4, 5, 6)]
+    for x, y, group in zip(on_disk, in_memory, ((0, 1, 2, 3), (4, 5, 6))):
+        want = median_state_dict([fleet[i] for i in group])
+        got, also = x.encoder.backbone.state_dict(), y.encoder.backbone.state_dict()
+        assert all(torch.equal(got[k], want[k]) and torch.equal(also[k], want[k]) for k in want)
+
+
+def test_a_worker_holds_about_one_member_at_a_time_while_it_builds_a_consensus(tmp_path, monkeypatch):
+    """A worker that held every member as a model needed 9 models of memory for the default consensus (11 GB for
+    ViT-L/14 towers): it keeps each member on disk once checked, so at most one is alive at a time."""
+    import gc
+    import shutil
+    import weakref
+
+    from faults.zoo import TINY_ARCH, write_encoder
+    from safetensors.torch import load_file
+
+    import decree.encoders
+    from decree_ray.base_models import BaseModels
+    from decree_ray.worker import ScanSettings, error_text
+
+    first = write_encoder(tmp_path / "m0.safetensors", seed=1)
+    paths = [first] + [shutil.copy(first, tmp_path / f"m{i}.safetensors") for i in range(1, 9)]
+    alive, most = weakref.WeakSet(), [0]
+    real = decree.encoders.create_encoder
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        most[0] = max(most[0], len(alive))
+        encoder = real(*args, **kwargs)
+        alive.add(encoder)
+        return encoder
+
+    monkeypatch.setattr(decree.encoders, "create_encoder", counting)
+
+    class Reader:
+        def read(self, path, **_):
+            return load_file(str(path))
+
+    settings = ScanSettings(shadow="unused", bases=tuple((TINY_ARCH, str(p)) for p in paths))
+    bases = BaseModels(settings, Reader(), tmp_path / "cache", "cpu", error_text).get(TINY_ARCH, None)
+    assert len(bases) == 1 and bases[0].members == 9
+    assert most[0] <= 1, f"{most[0]} members alive at once"
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))  # the members' copies are gone
+
+
+def test_a_worker_whose_cache_disk_is_full_keeps_the_members_in_memory_and_builds_the_same_consensus(tmp_path,
+                                                                                                   monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from faults.zoo import TINY_ARCH, write_encoder
+    from safetensors.torch import load_file
+
+    from decree.consensus import SavedState
+    from decree_ray import base_models
+    from decree_ray.worker import ScanSettings, error_text
+
+    paths = [write_encoder(tmp_path / f"m{i}.safetensors", seed=1) for i in range(3)]
+
+    class Reader:
+        def read(self, path, **_):
+            return load_file(str(path))
+
+    settings = ScanSettings(shadow="unused", bases=tuple((TINY_ARCH, str(p)) for p in paths))
+    on_disk = base_models.BaseModels(settings, Reader(), tmp_path / "c1", "cpu", error_text).get(TINY_ARCH, None)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 30, 1 << 30, 0))
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SavedState, "save", no_space)  # what writing would do on a full disk
+    in_memory = base_models.BaseModels(settings, Reader(), tmp_path / "c2", "cpu", error_text).get(TINY_ARCH, None)
+    a, b = on_disk[0].encoder.backbone.state_dict(), in_memory[0].encoder.backbone.state_dict()
+    assert in_memory[0].members == 3 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_builds_the_same_median_both_ways(tmp_path):
+    from faults.zoo import TINY_ARCH
+
+    from decree_ray.bench_memory import run
+
+    result = run(TINY_ARCH, tmp_path, repeats=1)
+    assert result["same_median"] and [r["groups"] for r in result["runs"]] == [[9], [9]]
+    assert (tmp_path / "MEMORY.md").read_text().count("| one tensor at a time |") == 1
+
+
+def test_the_median_goes_into_an_encoders_own_channels_last_kernels_not_into_copies_of_them():
+    """An Encoder's state_dict hands out contiguous copies of its channels-last kernels: a median written into
+    those would leave the model's weights unchanged."""
+    from faults.zoo import TINY_ARCH, TINY_SIZE
+
+    from decree.consensus import median_into
+    from decree.encoders import create_encoder
+
+    members = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        members.append(create_encoder(TINY_ARCH, image_size=TINY_SIZE))
+    states = [m.backbone.state_dict() for m in members]
+    want = median_state_dict(states)
+    target = copy.deepcopy(members[0])
+    median_into(states, target.backbone)
+    got = target.backbone.state_dict()
+    assert any(v.dim() == 4 for v in want.values()) and all(torch.equal(got[k], want[k]) for k in want)
