@@ -1,6 +1,6 @@
 """decree: the plain-PyTorch core of decree-ray (DECREE backdoor detection for image encoders)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .encoders import Encoder, Preprocess, create_encoder  # noqa: E402
 from .errors import (  # noqa: E402

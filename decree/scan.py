@@ -18,8 +18,10 @@ a fine-tune of, and with none when it is near none of them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +63,7 @@ class ScanResult:
     base_distance: float | None = None  # weight distance to the base compared with (or the nearest consensus)
     base_members: int | None = None  # consensus: members of the one compared with (0: near none of them)
     base_group: str | None = None  # consensus: the lineage (Consensus.name) of the one compared with
+    base_pl1: float | None = None  # the base's own smallest trigger on this shadow set (None: no base, or no τ)
     transfer_seconds: float | None = None  # of `seconds`, the base-model transfer's (not a result column)
 
     def to_row(self) -> dict:
@@ -97,6 +100,7 @@ class ScanResult:
             "base_distance": self.base_distance,
             "base_members": self.base_members,
             "base_group": self.base_group,
+            "base_pl1": self.base_pl1,
         }
 
 
@@ -157,17 +161,18 @@ def scan_encoder(
             # the audited party's claim stands unless the auditor's preprocessing finds what it hides
             decided = "reference" if other.suspicious and not found.suspicious else "claimed"
             found, judged = (other, other_encoder) if decided == "reference" else (found, encoder)
-    specific, transfer_seconds = None, None
+    specific, transfer_seconds, own_pl1 = None, None, None
     if base is not None:
         r, t_transfer = found.result, time.perf_counter()
         t = transfer(judged, base, found.pixels, r.mask, r.pattern, cfg.tau)
         specific, transfer_seconds = (t.base_similarity, t.specific_pl1(r.pl1_norm)), time.perf_counter() - t_transfer
+        own_pl1 = base_pl1(base, judged.preprocess, found.pixels, found.shadow_digest, cfg, dev)
     eid = encoder_id or (Path(str(checkpoint)).stem if not isinstance(checkpoint, dict) else "encoder")
     evidence = save_evidence(found.result, evidence_dir, eid, found.pixels) if evidence_dir is not None else {}
     s, blend_score = found.score, found.blend_score
     specific_verdict = None
     if specific is not None:
-        specific_verdict = judge_specific(found.result.reached_tau, specific[1], s.threshold)
+        specific_verdict = judge_specific(found.result.reached_tau, specific[1], s.threshold, own_pl1)
     return ScanResult(
         encoder_id=eid,
         arch=arch,
@@ -190,8 +195,30 @@ def scan_encoder(
         base_distance=distance,
         base_members=members,
         base_group=lineage,
+        base_pl1=own_pl1,
         transfer_seconds=transfer_seconds,
     )
+
+
+# base encoder -> {(shadow, preprocessing, settings, device): its own PL1}: a worker inverts each base once per
+# shadow set, not once per encoder compared with it (weak keys: a base dropped by the worker is forgotten)
+_BASE_PL1: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def base_pl1(base: Encoder, preprocess, pixels: torch.Tensor, shadow_digest: str | None, cfg: InversionConfig,
+             device: torch.device) -> float | None:
+    """The base's own smallest trigger on the shadow set, searched as the encoder's was (same settings, the
+    encoder's preprocessing: the pixel space its trigger lives in); None when the base never reached τ."""
+    memo = _BASE_PL1.setdefault(base.backbone, {})
+    if shadow_digest is None:  # a bare tensor: its content names it (an id could be a freed tensor's)
+        data = pixels.detach().cpu().contiguous().numpy().tobytes()
+        shadow_digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    key = (shadow_digest, tuple(pixels.shape), preprocess, cfg, str(device))
+    if key not in memo:
+        view = Encoder(base.backbone, base.arch, preprocess).eval() if preprocess != base.preprocess else base
+        found = _checked(invert(view, pixels, cfg, device=device))
+        memo[key] = found.pl1_norm if found.reached_tau else None
+    return memo[key]
 
 
 def _which_base(encoder: Encoder, base) -> tuple[Encoder | None, float | None, int | None, str | None]:

@@ -35,6 +35,12 @@ TRANSFER_IMAGES = 128
 # its base (up to 4.2 on the tune Lite0 family's short fine-tunes): half the threshold keeps a 2x margin for
 # longer ones, and every tune trojan scored under 0.011 (bench/README.md)
 SPECIFIC_FRACTION = 0.5
+# ...or below this share of the base's own smallest trigger on the same shadow set (`base_pl1`): a natural trigger
+# keeps about the base's area (tune clean fine-tunes: at least 0.23 of it; CLIP towers 0.61), a specific one is a
+# small part of it whatever the architecture's scale. 0.1 keeps a 2x margin under the tune split's smallest clean
+# ratio (bench/README.md); it adds the trojans whose specific score is small against the base but not against
+# one constant (Lite0 on photo crops: clean 0.10-0.34, such trojans 0.02-0.03)
+RELATIVE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,14 @@ class Transfer:
         return pl1 / self.ratio
 
 
-def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float) -> str:
-    """Flagged when the search reached τ and the specific area is under SPECIFIC_FRACTION of the threshold."""
-    return "trojaned" if reached_tau and specific_pl1 < SPECIFIC_FRACTION * threshold else "clean"
+def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float, base_pl1: float | None = None) -> str:
+    """Flagged when the search reached τ and the specific area is under SPECIFIC_FRACTION of the threshold or under
+    RELATIVE_FRACTION of the base's own smallest trigger (`base_pl1`: None when unknown or the base never reached
+    τ)."""
+    if not reached_tau:
+        return "clean"
+    small = specific_pl1 < SPECIFIC_FRACTION * threshold
+    return "trojaned" if small or (base_pl1 is not None and specific_pl1 < RELATIVE_FRACTION * base_pl1) else "clean"
 
 
 @torch.no_grad()

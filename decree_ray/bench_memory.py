@@ -4,8 +4,8 @@ The default consensus (decree.consensus) takes the median of 9 members of an arc
 all 9 as models needs 9 models of memory before it scans anything: 12 GB for ViT-L/14 towers, more than many GPU
 nodes' host memory, and the consensus is on by default. decree_ray.base_models reads the members one after
 another into one model, writes each from it to the worker's cache, and takes the distances and the median one
-tensor at a time, the median into that same model. This measures both ways on the same 9 files, each in a fresh process (peak anonymous memory), and
-checks that they build the same median.
+tensor at a time, the median into that same model. This measures both ways on the same 9 files, each in a
+fresh process (peak anonymous memory), and checks that both build the median computed apart.
 
 Members: one randomly initialised model of `--arch` (no weights are downloaded) and 9 copies of it each moved
 by a little noise, as fine-tunes of one model are (their weight distance is far under FINETUNE_DISTANCE).

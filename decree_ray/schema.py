@@ -72,7 +72,10 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("specific_pl1", pa.float64(), True,
      "With --base: pl1_norm divided by how many times farther from a full collapse the base stays than the encoder "
      "(at least 1): a natural trigger, which the base shares, keeps its area; a backdoor's shrinks."),
-    ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold."),
+    ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold or < 0.1 × base_pl1."),
+    ("base_pl1", pa.float64(), True,
+     "With --base: the base's own PL1 on this shadow set (its smallest natural trigger, searched as this encoder's was); "
+     "null without a base or when the base never reached tau."),
     ("base_members", pa.int64(), True,
      "With a consensus base (by default, --base ARCH=consensus, or several --base for one ARCH): how many members "
      "made the median this encoder was compared with; 0: it is a fine-tune of none of the groups (judged without a "
@@ -183,6 +186,7 @@ SCAN_COLUMNS = (
     "base_similarity",
     "specific_pl1",
     "specific_verdict",
+    "base_pl1",
     "base_members",
     "image_size",
     "shadow_sha256",

@@ -9,6 +9,16 @@ from decree.inversion import InversionConfig
 from decree.transfer import SPECIFIC_FRACTION, Transfer
 
 
+def test_a_specific_area_small_against_the_bases_own_trigger_is_flagged_though_above_half_the_threshold():
+    from decree.transfer import RELATIVE_FRACTION, specific_verdict
+
+    assert specific_verdict(True, 0.02, 0.03) == "clean"  # 0.02 > half of 0.03: one constant cannot call it
+    assert specific_verdict(True, 0.02, 0.03, base_pl1=0.3) == "trojaned"  # the base needs 15x that area
+    assert specific_verdict(True, 0.02, 0.03, base_pl1=0.02 / RELATIVE_FRACTION) == "clean"  # at the edge: not below
+    assert specific_verdict(True, 0.001, 0.03, base_pl1=0.005) == "trojaned"  # the constant still flags alone
+    assert specific_verdict(False, 0.001, 0.03, base_pl1=0.3) == "clean"  # never reached tau: no trigger found
+
+
 def test_a_trigger_that_collapses_the_base_as_well_keeps_its_area():
     t = Transfer(base_similarity=0.96, own_similarity=0.95, tau=0.95)
     assert t.ratio == 1.0 and t.specific_pl1(0.2) == 0.2
@@ -70,6 +80,8 @@ def test_a_worker_with_a_base_fills_the_columns_and_a_broken_base_is_each_rows_e
     worker.close()
     assert rows["enc1"]["status"] == "ok" and rows["enc1"]["specific_pl1"] == rows["enc1"]["pl1_norm"]
     assert all(r["base_similarity"] is not None for r in rows.values())
+    # the base's own trigger, searched once for the whole shadow set: enc1 is the base, so it is enc1's own PL1
+    assert {r["base_pl1"] for r in rows.values()} == {rows["enc1"]["pl1_norm"]}
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
     settings = harness.settings(zoo / "shadow.npz", tmp_path / "out2", tmp_path / "cache2",
                                 bases=((TINY_ARCH, str(tmp_path / "broken.safetensors")),))
