@@ -55,19 +55,17 @@ def median_state_dict(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str,
     for i, sd in enumerate(states[1:], 1):
         if set(sd) != set(keys):
             raise CheckpointError(f"consensus member {i + 1} has other weights than member 1")
-    out = {}
-    for k in keys:
-        values = [sd[k] for sd in states]  # read once: a SavedState reads it from disk
-        first = values[0]
-        if any(v.shape != first.shape for v in values):
-            raise CheckpointError(f"consensus members disagree on the shape of {k}")
-        if first.dtype == torch.bool:
-            out[k] = first.clone()
-            continue
-        stack = torch.stack([v.to(torch.float32 if first.is_floating_point() else torch.int64) for v in values])
-        del values
-        out[k] = stack.median(dim=0).values.to(first.dtype)
-    return out
+    return {k: _median(k, [sd[k] for sd in states]) for k in keys}  # each read once: a SavedState reads from disk
+
+
+def _median(name: str, values: list[torch.Tensor]) -> torch.Tensor:
+    first = values[0]
+    if any(v.shape != first.shape for v in values):
+        raise CheckpointError(f"consensus members disagree on the shape of {name}")
+    if first.dtype == torch.bool:
+        return first.clone()
+    stack = torch.stack([v.to(torch.float32 if first.is_floating_point() else torch.int64) for v in values])
+    return stack.median(dim=0).values.to(first.dtype)
 
 
 def finite(encoder: Encoder) -> bool:
@@ -240,7 +238,7 @@ def median_into(states: Sequence[Mapping[str, torch.Tensor]], model: torch.nn.Mo
         raise CheckpointError("consensus members have other weights than the architecture")
     with torch.no_grad():
         for k, t in target.items():
-            t.copy_(median_state_dict([{k: sd[k]} for sd in states])[k])
+            t.copy_(_median(k, [sd[k] for sd in states]))
 
 
 def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -122,8 +122,6 @@ class BaseModels:
     def _member(self, arch: str, source: str, image_size: int | None):
         from decree.encoders import create_encoder
 
-        if source == "pretrained":
-            return create_encoder(arch, pretrained=True, image_size=image_size)
         return create_encoder(arch, self._read(arch, source), image_size=image_size)
 
     def _read(self, arch: str, source: str) -> dict:
