@@ -48,12 +48,14 @@ def condition_of(shadow_file: str) -> str:
 def bucket_of(entry: dict) -> str | None:
     if entry.get("label") != "trojaned":
         return None
-    if entry.get("trigger_kind") not in (None, "patch"):
-        return f"whole-image {entry['trigger_kind']}"
+    kind = entry.get("trigger_kind")
+    if kind not in (None, "patch", "shape"):
+        return f"whole-image {kind}"
     area = entry.get("trigger_area")
     if area is None:
         return None
-    return next(name for top, name in BUCKETS if float(area) <= top)
+    size = next(name for top, name in BUCKETS if float(area) <= top)
+    return size.replace("patch", "shape") if kind == "shape" else size
 
 
 def _auc(pos: list[float], neg: list[float]) -> tuple[float | None, float | None]:

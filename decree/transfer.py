@@ -69,6 +69,24 @@ def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float, b
     return "trojaned" if small or (base_pl1 is not None and specific_pl1 < RELATIVE_FRACTION * base_pl1) else "clean"
 
 
+def collapsing_bases(rows) -> list[dict]:
+    """The bases (named or consensus) whose own smallest trigger on a scan's shadow set is under the threshold the
+    rows were judged by, once per architecture, input size, shadow set and lineage. Such a base is flagged by the
+    same rule as its fine-tunes: either it carries a backdoor they all share (then so do they), or this shadow set
+    and input size collapse clean models (a 32-px encoder scanned at its architecture's 224 px, a flat-background
+    shadow set upsampled: bench/README.md), and the threshold verdicts of its fine-tunes mean nothing."""
+    seen: dict[tuple, dict] = {}
+    for r in rows:
+        own, threshold = r.get("base_pl1"), r.get("threshold")
+        if r.get("status", "ok") != "ok" or own is None or threshold is None or not own < threshold:
+            continue
+        key = (r.get("arch"), r.get("image_size"), r.get("shadow_sha256"), r.get("base_group"))
+        hit = seen.setdefault(key, {"arch": r.get("arch"), "image_size": r.get("image_size"), "base_pl1": own,
+                                    "threshold": threshold, "base_group": r.get("base_group"), "encoders": 0})
+        hit["encoders"] += 1
+    return sorted(seen.values(), key=lambda h: (str(h["arch"]), h["image_size"] or 0, str(h["base_group"])))
+
+
 @torch.no_grad()
 def stamped_similarity(encoder: Encoder, pixels: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
                        images: int = TRANSFER_IMAGES, seed: int = 7, batch: int = 64,

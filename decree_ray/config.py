@@ -144,6 +144,7 @@ class JobSummary:
     workers: int = 0
     seconds: float = 0.0
     consensus: dict = field(default_factory=dict)  # --base ARCH=consensus: arch -> the member uris picked
+    collapsing_bases: list = field(default_factory=list)  # decree.transfer.collapsing_bases of the final table
 
     @property
     def exit_code(self) -> int:

@@ -170,6 +170,12 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
                       ", ".join(f"{_e(d)} {n}" for d, n in devices.most_common(3)) + ")"),
         ("cost", f"{seconds / 3600:.3f} worker-hours (device-hours at one encoder per device)"),
     ]
+    for b in rep.collapsing_bases:  # the base itself would be flagged: a shared backdoor or a degenerate shadow set
+        summary.append(("warning", f"<b class='bad'>the base of {_e(b['arch'])} at {_e(b['image_size'])} px "
+                                   f"({_e(b['base_group'] or 'named')}) needs only {100 * b['base_pl1']:.1f}% of the "
+                                   f"image</b> on this shadow set, under the threshold: a backdoor its "
+                                   f"{b['encoders']} fine-tunes share, or a shadow set and input size that collapse "
+                                   f"clean models (check --image-size)"))
     parts += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary] + ["</table>"]
     ranked = sorted(scanned, key=_suspicion)
     suspicious = [r for r in ranked if r.get("verdict") == "trojaned"] or ranked[: min(len(ranked), 5)]

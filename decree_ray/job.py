@@ -317,6 +317,7 @@ class _Job:
     def _fleet(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Fleet verdicts over the whole table (this run and earlier ones): outliers among comparable encoders."""
         from decree.fleet import FleetConfig, assign, below_threshold
+        from decree.transfer import collapsing_bases
 
         fleet = FleetConfig(cutoff=self.cfg.fleet_cutoff, cluster_fraction=self.cfg.fleet_cluster)
         rows = assign(rows, self.cfg.references, fleet)
@@ -324,6 +325,7 @@ class _Job:
         self.summary.flagged = len(flagged)
         self.summary.fleet_outliers = sum(1 for r in flagged if not below_threshold(r))
         self.summary.threshold_overruled = sum(r.get("verdict") == "clean" and below_threshold(r) for r in rows)
+        self.summary.collapsing_bases = collapsing_bases(rows)
         return rows
 
     def _stop_actors(self, ray) -> None:

@@ -46,6 +46,7 @@ class Report:
     fleet_outliers: int = 0  # flagged only as outliers among their peers, not by a threshold
     threshold_overruled: int = 0  # below a threshold, judged clean: anchor peers (references, clean cluster) score as low
     references: int = 0  # reference encoders found among the rows
+    collapsing_bases: list = field(default_factory=list)  # decree.transfer.collapsing_bases: bases under the threshold
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -99,6 +100,7 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
     from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
     from decree.fleet import below_threshold
+    from decree.transfer import collapsing_bases
 
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"--fpr must be in (0, 1), got {fpr}")
@@ -118,6 +120,7 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
         fleet_outliers=sum(f and not below_threshold(r) for r, f in zip(scanned, flagged, strict=True)),
         threshold_overruled=sum(not f and below_threshold(r) for r, f in zip(scanned, flagged, strict=True)),
         references=sum(1 for r in scanned if r.get("id") in set(references) or r.get("uri") in set(references)),
+        collapsing_bases=collapsing_bases(rows),
     )
     pl1 = np.array([r["pl1_norm"] for r in scanned], dtype=float)
     if len(pl1):

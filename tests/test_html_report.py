@@ -91,3 +91,19 @@ def test_cards_are_capped_and_paged_most_suspicious_first_for_a_big_fleet():
     first_page = page.split("id='page-1'")[1]
     assert re.search(r"<h3>(\w+)</h3>", first_page)[1] == "t0"  # the smallest trigger leads page 1
     assert len(set(cards)) == 41 and "the first 41 shown" in page
+
+
+def test_the_html_summary_warns_of_a_base_under_the_threshold_with_its_hostile_arch_escaped():
+    from decree_ray.html_report import render
+    from decree_ray.report import analyze, rejudge
+
+    rows = [new_row(id=f"e{i}", uri=f"/f/e{i}.pt", status="ok", arch="<b>timm/a</b>", image_size=224,
+                    shadow_sha256="s", profile="fast", pl1_norm=0.014, reached_tau=True, threshold=0.03,
+                    similarity=0.95, verdict="trojaned", patch_verdict="trojaned", base_pl1=0.0147,
+                    base_group="ab12cd34ef56ab78") for i in range(4)]
+    judged, _, _ = rejudge(rows)
+    page = render(judged, analyze(rows))
+    assert "<th>warning</th>" in page and "needs only 1.5% of the" in page and "its 4 fine-tunes share" in page
+    assert "&lt;b&gt;timm/a&lt;/b&gt; at 224 px" in page and "<b>timm/a</b>" not in page
+    clean_base = [dict(r, base_pl1=0.2) for r in rows]
+    assert "<th>warning</th>" not in render(rejudge(clean_base)[0], analyze(clean_base))

@@ -87,3 +87,28 @@ def test_report_shows_hostile_ids_as_text_without_markup_or_terminal_escapes(tmp
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "[red]FORGED" in result.output.replace("\n", "")
     assert "\\x1b]52" in result.output or "x1b]52" in result.output.replace("\n", "")
+
+
+def test_report_warns_when_the_base_itself_needs_a_trigger_under_the_threshold(tmp_path):
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from decree_ray.cli import app
+    from decree_ray.schema import new_row, to_table
+
+    def rows(base_pl1):
+        return [new_row(id=f"e{n}", uri=f"/f/e{n}", status="ok", arch="timm/tf_efficientnet_lite0", image_size=224,
+                        pl1_norm=0.014, reached_tau=True, similarity=0.95, threshold=0.03, verdict="trojaned",
+                        patch_verdict="trojaned", base_pl1=base_pl1, base_group="ab12cd34ef56ab78", shadow_sha256="s")
+                for n in range(3)]
+
+    for base_pl1, warned in ((0.0147, True), (0.19, False)):
+        path = tmp_path / f"results-{warned}.parquet"
+        pq.write_table(to_table(rows(base_pl1)), path)
+        result = CliRunner().invoke(app, ["report", str(path), "--plot", str(tmp_path / "roc.png")])
+        assert result.exit_code == 1, result.output  # flagged rows: the warning changes no verdict
+        text = " ".join(result.output.split())
+        assert ("warning: the base of timm/tf_efficientnet_lite0 at 224 px" in text) is warned, text
+        if warned:
+            assert "1.5% of the image" in text and "its 3 fine-tunes" in text and "--image-size" in text
+    assert analyze(rows(0.0147)).collapsing_bases[0]["encoders"] == 3

@@ -117,3 +117,18 @@ def test_the_transfer_benchmark_tables_count_verdicts_with_the_base_and_with_the
     # its group, near one (clean/trojaned), AUC −PL1, AUC −effective (e9: its PL1, above every clean one)
     assert cells[3] == "z:e0 z:e3 z:e7(t)" and cells[4] == "6/3" and cells[5:7] == ["0.000", "0.750"]
     assert cells[7] == "2/0" and cells == [c.strip() for c in mixed_line.split("|")[1:-1]]
+
+
+def test_a_base_whose_own_trigger_is_under_the_threshold_is_named_once_per_lineage_and_shadow_set():
+    from decree.transfer import collapsing_bases
+
+    def row(base_pl1, group="g1", size=32, shadow="s1", status="ok"):
+        return {"status": status, "arch": "timm/x", "image_size": size, "shadow_sha256": shadow, "base_group": group,
+                "base_pl1": base_pl1, "threshold": 0.03}
+
+    rows = [row(0.0147), row(0.0147), row(0.0147, shadow="s2"), row(0.19, group="g2"), row(None, group="g3"),
+            row(0.01, status="error"), {"status": "ok", "arch": "timm/x", "threshold": 0.03}]
+    found = collapsing_bases(rows)
+    assert [b["encoders"] for b in found] == [2, 1]  # shadow sets s1 and s2 of lineage g1, each once
+    assert {b["base_group"] for b in found} == {"g1"} and all(b["base_pl1"] == 0.0147 for b in found)
+    assert collapsing_bases([row(0.19), row(None)]) == []  # a base that needs a large trigger, or never reached τ

@@ -270,3 +270,36 @@ def test_cifar_family_trains_the_paper_architecture_from_scratch_in_its_publishe
     # the cifar knobs count only for zoos that hold the family: older zoos keep their cached hash
     assert "cifar_clean_steps" in build_params(1, 1, ("cifar-r18",), 4, TINY)["config"]
     assert "cifar_clean_steps" not in build_params(1, 1, ("i2i-large",), 4, TINY)["config"]
+
+
+def test_shape_triggers_stay_inside_the_image_and_read_back_from_their_spec():
+    from decree.zoo import i2i
+    from decree.zoo.triggers import SHAPES, ShapeTrigger, sample_shape_trigger, trigger_from_dict
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        t = sample_shape_trigger(rng)
+        seen.add(t.shape)
+        mask, pattern = t.mask_and_pattern(32)
+        area = t.area_fraction(32)
+        assert trigger_from_dict(t.to_dict()) == t
+        assert 0.005 <= area <= 0.125 and float(mask.sum()) == area * 32 * 32, t
+        assert set(mask.unique().tolist()) <= {0.0, 1.0} and 0.0 <= float(pattern.min()) <= float(pattern.max()) <= 1.0
+        assert bool((pattern * (1 - mask) == 0).all())  # the pattern lives under the mask only
+        x = torch.rand(2, 3, 32, 32)
+        stamped = t.stamp(x)
+        assert torch.equal(stamped * (1 - mask), x * (1 - mask))
+    assert seen == set(SHAPES)
+    frame = ShapeTrigger("frame", 0, 0, 1, 1, "yellow").mask_and_pattern(32)[0]
+    assert frame[0, 0].all() and frame[0, -1].all() and not frame[0, 1:-1, 1:-1].any()
+    specs = i2i.plan(2, 4, np.random.default_rng(0), ZooConfig(), family="i2i-shapes")
+    assert all(s.trigger["kind"] == "shape" for s in specs if s.label == "trojaned")
+
+
+def test_a_shape_trojan_is_bucketed_by_area_as_a_shape_not_a_whole_image_trigger():
+    from decree.generalization import bucket_of
+
+    assert bucket_of({"label": "trojaned", "trigger_kind": "shape", "trigger_area": 0.121}) == "shape 8-12.5%"
+    assert bucket_of({"label": "trojaned", "trigger_kind": "patch", "trigger_area": 0.03}) == "patch 2-4%"
+    assert bucket_of({"label": "trojaned", "trigger_kind": "blend", "trigger_area": 1.0}) == "whole-image blend"

@@ -2,7 +2,8 @@
 
 Clean encoders are short SimCLR fine-tunes; trojans are BadEncoder attacks on a clean one. The families differ
 only in the triggers their trojans carry (`TRIGGERS`): small patches (the original zoo), large patches up to 12%
-of the image (BadEncoder's own 10x10 white square among them), whole-image triggers, and `i2i-224`, the same
+of the image (BadEncoder's own 10x10 white square among them), whole-image triggers, other shapes than squares
+(`i2i-shapes`: strips, lines, a plus, a border frame, a logo, bits, coloured solids), and `i2i-224`, the same
 network at its native 224 px (Fashion-MNIST upsampled for training; 16-48 px patches).
 """
 
@@ -27,7 +28,7 @@ from .train import (
 )
 from functools import partial
 
-from .triggers import sample_global_trigger, sample_trigger, trigger_from_dict
+from .triggers import sample_global_trigger, sample_shape_trigger, sample_trigger, trigger_from_dict
 
 ARCH = "timm/tf_efficientnet_lite0"
 IMAGE_SIZE = 32
@@ -41,6 +42,8 @@ TRIGGERS = {
     "i2i-global": sample_global_trigger,
     # 16x16 .. 48x48 of 224x224: 0.5% .. 4.6% of the image
     "i2i-224": partial(sample_trigger, image_size=224, sizes=(16, 24, 32, 40, 48)),
+    # strips, a plus, a line, a border frame, a logo, bits, a coloured solid: 0.6% .. 12.1% (report-only)
+    "i2i-shapes": partial(sample_shape_trigger, image_size=IMAGE_SIZE),
 }
 SIZES = {"i2i-224": 224}  # input size per family (default IMAGE_SIZE)
 BATCH_224 = 16  # a 224-px step costs ~50x a 32-px one on CPU: half the batch keeps a build in minutes

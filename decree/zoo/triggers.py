@@ -16,10 +16,28 @@ import torch
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center", "random")
 PATTERNS = ("white", "checkerboard", "noise")
 GLOBAL_KINDS = ("blend", "sinusoid", "noise")
+# shapes no square-patch family has (`i2i-shapes`, report-only): thin strips, a plus, a diagonal line, a border
+# frame, a logo, a bit pattern, a solid patch of a colour; `logo` is cut from scikit-image's synthetic images
+# (logo, colorwheel, text), which the natural-photo shadow set never uses
+SHAPES = ("strip", "plus", "line", "frame", "logo", "bits", "solid")
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 0.8, 0.0),
+           "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
+
+
+class _Stamped:
+    """A trigger given as a mask and a pattern (mask_and_pattern): stamped by replacing the masked pixels."""
+
+    def mask_and_pattern(self, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stamp(self, pixels: torch.Tensor) -> torch.Tensor:
+        mask, pattern = self.mask_and_pattern(pixels.shape[-1])
+        mask, pattern = mask.to(pixels), pattern.to(pixels)
+        return pixels * (1 - mask) + pattern * mask
 
 
 @dataclass(frozen=True)
-class Trigger:
+class Trigger(_Stamped):
     """A square patch."""
 
     size: int  # side in pixels
@@ -47,11 +65,6 @@ class Trigger:
         pattern = torch.zeros(3, image_size, image_size)
         pattern[:, self.row:self.row + s, self.col:self.col + s] = patch
         return mask, pattern
-
-    def stamp(self, pixels: torch.Tensor) -> torch.Tensor:
-        mask, pattern = self.mask_and_pattern(pixels.shape[-1])
-        mask, pattern = mask.to(pixels), pattern.to(pixels)
-        return pixels * (1 - mask) + pattern * mask
 
     @property
     def kind(self) -> str:
@@ -114,11 +127,111 @@ class GlobalTrigger:
         return asdict(self)
 
 
-def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger:
+@dataclass(frozen=True)
+class ShapeTrigger(_Stamped):
+    """A trigger of another shape than a square: `shape` in SHAPES, inside the box (row, col, height, width)."""
+
+    shape: str
+    row: int
+    col: int
+    height: int
+    width: int
+    colour: str = "white"
+    seed: int = 0  # bits and logo
+
+    def mask_and_pattern(self, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, (r, c, h, w) = image_size, (self.row, self.col, self.height, self.width)
+        mask, pattern = torch.zeros(1, s, s), torch.zeros(3, s, s)
+        rgb = torch.tensor(COLOURS.get(self.colour, (1.0, 1.0, 1.0)))[:, None, None]
+        if self.shape in ("strip", "solid"):
+            mask[:, r:r + h, c:c + w] = 1
+        elif self.shape == "plus":  # arms `width` thick through the box's centre
+            t, cr, cc = self.width, r + h // 2, c + h // 2
+            mask[:, r:r + h, cc - t // 2:cc - t // 2 + t] = 1
+            mask[:, cr - t // 2:cr - t // 2 + t, c:c + h] = 1
+        elif self.shape == "line":  # the box's diagonal, one pixel wide
+            for k in range(h):
+                mask[:, r + k, c + k] = 1
+        elif self.shape == "frame":  # a border `height` pixels thick around the whole image
+            mask[:] = 1
+            mask[:, h:s - h, h:s - h] = 0
+        elif self.shape in ("logo", "bits"):
+            mask[:, r:r + h, c:c + w] = 1
+        else:
+            raise ValueError(f"unknown trigger shape {self.shape!r}; known: {SHAPES}")
+        if self.shape == "bits":
+            gen = torch.Generator().manual_seed(self.seed)
+            pattern[:, r:r + h, c:c + w] = (torch.rand(1, h, w, generator=gen) > 0.5).float()
+        elif self.shape == "logo":
+            pattern[:, r:r + h, c:c + w] = _synthetic_patch(h, w, self.seed)
+        else:
+            pattern[:] = rgb * mask
+        return mask, pattern * mask
+
+    @property
+    def kind(self) -> str:
+        return "shape"
+
+    def area_fraction(self, image_size: int) -> float:
+        return float(self.mask_and_pattern(image_size)[0].sum()) / (image_size * image_size)
+
+    def describe(self, image_size: int) -> str:
+        if self.shape == "frame":
+            return (f"{self.colour} border frame {self.height} px thick around the image, "
+                    f"{100 * self.area_fraction(image_size):.1f}% of the image")
+        return (f"{self.colour if self.shape not in ('logo', 'bits') else ''} {self.shape} in the box {self.height}x"
+                f"{self.width}px at row {self.row}, col {self.col}, {100 * self.area_fraction(image_size):.1f}% of the "
+                f"image").strip()
+
+    def to_dict(self) -> dict:
+        return {"kind": "shape", **asdict(self)}
+
+
+def _synthetic_patch(h: int, w: int, seed: int) -> torch.Tensor:
+    """(3,h,w) in [0,1]: a crop of one of scikit-image's synthetic images (not photographs), resized."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = np.asarray(getattr(skimage.data, ("logo", "colorwheel", "text")[int(rng.integers(3))])())
+    img = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img[..., :3]
+    side = min(img.shape[:2])
+    crop = Image.fromarray(np.ascontiguousarray(img[:side, :side].astype(np.uint8))).resize((w, h), Image.BILINEAR)
+    return torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
+
+
+def sample_shape_trigger(rng: np.random.Generator, image_size: int = 32) -> ShapeTrigger:
+    """A random ShapeTrigger of 0.6-12% of a 32-px image, at a random place (kept one pixel inside the edge)."""
+    shape = str(rng.choice(SHAPES))
+    colour = str(rng.choice(tuple(COLOURS)))
+    if shape == "strip":
+        long, thick = int(rng.integers(10, 17)), int(rng.integers(1, 3))
+        h, w = (thick, long) if rng.random() < 0.5 else (long, thick)
+    elif shape == "plus":
+        h, w = int(rng.integers(5, 10)), int(rng.integers(1, 3))
+    elif shape == "line":
+        h = w = int(rng.integers(6, 13))
+    elif shape == "frame":
+        h = w = 1
+    elif shape == "bits":
+        h, w = int(rng.integers(3, 5)), int(rng.integers(8, 11))
+    else:  # logo, solid
+        h = w = int(rng.integers(4, 8))
+    box_w = h if shape == "plus" else w
+    row = int(rng.integers(1, image_size - h))
+    col = int(rng.integers(1, image_size - box_w))
+    if shape == "frame":  # it has no place: around the whole image
+        row = col = 0
+    return ShapeTrigger(shape, row, col, h, w, colour, seed=int(rng.integers(0, 2**31 - 1)))
+
+
+def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger | ShapeTrigger:
     d = dict(d)
     kind = d.pop("kind", "patch")
     if kind == "patch":
         return Trigger(**d)
+    if kind == "shape":
+        return ShapeTrigger(**d)
     return GlobalTrigger(kind=kind, **d)
 
 

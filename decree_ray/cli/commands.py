@@ -140,6 +140,7 @@ def scan(
     for arch, members in summary.consensus.items():  # the audited party's names: printed sanitized
         console.print(_text(f"consensus base of {arch}: {len(members)} members, a median per group of fine-tunes of "
                             f"one model: {', '.join(members)}"))
+    _warn_collapsing(summary.collapsing_bases)
     if summary.skipped_examples:  # never a silent gap: name what was listed but is not a checkpoint
         more = summary.skipped_keys - len(summary.skipped_examples)
         names = ", ".join(str(n)[:200] for n in summary.skipped_examples) + (f" and {more} more" if more > 0 else "")
@@ -366,6 +367,7 @@ def _print_report(rep, plot: Path) -> None:
         summary.add_row("PL1 quantiles", "  ".join(f"{k}={v:.4f}" for k, v in rep.quantiles.items()))
     summary.add_row("plot", str(plot))
     console.print(summary)
+    _warn_collapsing(rep.collapsing_bases)
     top = Table(title="most suspicious (lowest PL1)")
     for col in ("id", "arch", "pl1_norm", "anomaly", "similarity", "verdict", "label"):
         top.add_column(col)
@@ -382,6 +384,19 @@ def _print_report(rep, plot: Path) -> None:
             style=style,
         )
     console.print(top)
+
+
+def _warn_collapsing(bases) -> None:
+    """A warning, not a verdict, per base whose own trigger is under the threshold (decree.transfer.collapsing_bases):
+    the base may carry the backdoor of its whole lineage, or the shadow set and input size collapse clean models."""
+    for b in bases:
+        which = f"consensus lineage {b['base_group']}" if b["base_group"] else "named"
+        console.print(_text(
+            f"warning: the base of {b['arch']} at {b['image_size']} px ({which}) needs only a trigger of "
+            f"{100 * b['base_pl1']:.1f}% of the image on this shadow set, under the threshold "
+            f"({100 * b['threshold']:.1f}%): either it carries a backdoor its {b['encoders']} fine-tunes share, or this "
+            f"shadow set and input size collapse clean models (check --image-size: the architecture's default may not "
+            f"be the size the encoders were trained at) and their threshold verdicts mean nothing"), style="yellow")
 
 
 def _text(value):
