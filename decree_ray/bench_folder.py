@@ -24,8 +24,9 @@ from decree.generalization import _auc, condition_of, zoo_split
 from decree.zoo import read_manifest
 
 SHADOWS = ("shadow.npz", "shadow-photos.npz")
-FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", "status", "pl1_norm",
-          "specific_pl1", "base_pl1", "base_members", "anomaly_index", "verdict_basis", "verdict", "seconds")
+SCAN_FIELDS = ("status", "pl1_norm", "specific_pl1", "base_pl1", "base_members", "anomaly_index", "verdict_basis",
+               "verdict", "seconds")  # from the results table
+FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", *SCAN_FIELDS)
 
 
 def scan(zoo: Path, shadow: str, work: Path, cpus: int) -> tuple[list[dict], float]:
@@ -46,7 +47,7 @@ def scan(zoo: Path, shadow: str, work: Path, cpus: int) -> tuple[list[dict], flo
         e = entries[r["id"]]
         rows.append({"zoo": zoo.name, "split": zoo_split(zoo), "condition": condition_of(shadow),
                      "family": e.get("family"), "id": e["id"], "label": e["label"], "trigger": e.get("trigger") or "",
-                     "trigger_area": e.get("trigger_area"), **{k: r.get(k) for k in FIELDS[8:]}})
+                     "trigger_area": e.get("trigger_area"), **{k: r.get(k) for k in SCAN_FIELDS}})
     return rows, wall
 
 

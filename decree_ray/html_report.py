@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from .report import collapse_warning
 from .schema import safe_text
 
 TITLE = "decree audit report"
@@ -171,11 +172,7 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         ("cost", f"{seconds / 3600:.3f} worker-hours (device-hours at one encoder per device)"),
     ]
     for b in rep.collapsing_bases:  # the base itself would be flagged: a shared backdoor or a degenerate shadow set
-        summary.append(("warning", f"<b class='bad'>the base of {_e(b['arch'])} at {_e(b['image_size'])} px "
-                                   f"({_e(b['base_group'] or 'named')}) needs only {100 * b['base_pl1']:.1f}% of the "
-                                   f"image</b> on this shadow set, under the threshold: a backdoor its "
-                                   f"{b['encoders']} fine-tunes share, or a shadow set and input size that collapse "
-                                   f"clean models (check --image-size)"))
+        summary.append(("warning", f"<b class='bad'>{_e(collapse_warning(b))}</b>"))
     parts += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary] + ["</table>"]
     ranked = sorted(scanned, key=_suspicion)
     suspicious = [r for r in ranked if r.get("verdict") == "trojaned"] or ranked[: min(len(ranked), 5)]

@@ -54,6 +54,16 @@ class Report:
         return out
 
 
+def collapse_warning(base: dict) -> str:
+    """The one text of a decree.transfer.collapsing_bases entry, for the terminal and the HTML report alike."""
+    which = f"consensus lineage {base['base_group']}" if base["base_group"] else "named"
+    return (f"the base of {base['arch']} at {base['image_size']} px ({which}) needs only a trigger of "
+            f"{100 * base['base_pl1']:.1f}% of the image on this shadow set, under the threshold "
+            f"({100 * base['threshold']:.1f}%): either it carries a backdoor its {base['encoders']} fine-tunes share, or "
+            f"this shadow set and input size collapse clean models (check --image-size: the architecture's default may "
+            f"not be the size the encoders were trained at) and their threshold verdicts mean nothing")
+
+
 def _plain(v):
     return v.isoformat() if hasattr(v, "isoformat") else v
 

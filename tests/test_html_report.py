@@ -103,7 +103,7 @@ def test_the_html_summary_warns_of_a_base_under_the_threshold_with_its_hostile_a
                     base_group="ab12cd34ef56ab78") for i in range(4)]
     judged, _, _ = rejudge(rows)
     page = render(judged, analyze(rows))
-    assert "<th>warning</th>" in page and "needs only 1.5% of the" in page and "its 4 fine-tunes share" in page
+    assert "<th>warning</th>" in page and "needs only a trigger of 1.5% of the image" in page and "its 4 fine-tunes share" in page
     assert "&lt;b&gt;timm/a&lt;/b&gt; at 224 px" in page and "<b>timm/a</b>" not in page
     clean_base = [dict(r, base_pl1=0.2) for r in rows]
     assert "<th>warning</th>" not in render(rejudge(clean_base)[0], analyze(clean_base))

@@ -389,14 +389,10 @@ def _print_report(rep, plot: Path) -> None:
 def _warn_collapsing(bases) -> None:
     """A warning, not a verdict, per base whose own trigger is under the threshold (decree.transfer.collapsing_bases):
     the base may carry the backdoor of its whole lineage, or the shadow set and input size collapse clean models."""
+    from ..report import collapse_warning
+
     for b in bases:
-        which = f"consensus lineage {b['base_group']}" if b["base_group"] else "named"
-        console.print(_text(
-            f"warning: the base of {b['arch']} at {b['image_size']} px ({which}) needs only a trigger of "
-            f"{100 * b['base_pl1']:.1f}% of the image on this shadow set, under the threshold "
-            f"({100 * b['threshold']:.1f}%): either it carries a backdoor its {b['encoders']} fine-tunes share, or this "
-            f"shadow set and input size collapse clean models (check --image-size: the architecture's default may not "
-            f"be the size the encoders were trained at) and their threshold verdicts mean nothing"), style="yellow")
+        console.print(_text(f"warning: {collapse_warning(b)}"), style="yellow")
 
 
 def _text(value):
