@@ -8,7 +8,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 DEMO    ?= .demo
 
-.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-scale bench-memory reliability clean
+.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-folder bench-scale bench-memory reliability clean
 
 install: $(STAMP) $(FMNIST) $(CHROMIUM)
 
@@ -42,7 +42,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-bench: bench-quality bench-transfer bench-shapes bench-scale bench-memory
+bench: bench-quality bench-transfer bench-shapes bench-folder bench-scale bench-memory
 
 # The committed run: tune zoo (seed 0), report-only zoos (seed 1, and the 224-px family), both shadow
 # conditions, both profiles interleaved (paper skips 224 px: ~20 CPU-minutes an encoder, and the from-scratch
@@ -82,6 +82,17 @@ bench-shapes: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-shapes --family i2i-shapes --clean 6 --trojaned 8 --seed 1
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-shapes --out bench/shapes
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-shapes --out bench/shapes
+
+# bench/folder/: what a user gets on the bench-quality zoos' 32-px families, tune (seed 0) and report-only (seed 1):
+# `decree scan` of each zoo's manifest with every default, both shadow conditions (decree_ray.bench_folder)
+bench-folder: install
+	$(BIN)/decree zoo build $(ZOOS)/zoo-tune --family image-on-image --family i2i-large --family i2i-global \
+	    --clean 6 --trojaned 8 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-clip-tune --family clip --clean 6 --trojaned 8 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-report --family image-on-image --family i2i-large --family i2i-global \
+	    --family clip --clean 6 --trojaned 8 --seed 1
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-tune --zoo $(ZOOS)/zoo-clip-tune \
+	    --zoo $(ZOOS)/zoo-report --out bench/folder
 
 # bench/RELIABILITY.md and bench/reliability/*.json: only this target writes them (tests leave the tree clean)
 reliability: install

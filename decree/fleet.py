@@ -28,6 +28,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .transfer import RELATIVE_FRACTION, SPECIFIC_FRACTION
+
 # Neural Cleanse flags an anomaly index above 2; measured on the tune families (bench/README.md).
 DEFAULT_CUTOFF = 3.0
 MIN_PEERS = 6  # fewer comparable encoders than this: no fleet statistic, the absolute threshold decides
@@ -52,6 +54,8 @@ class FleetConfig:
     cluster_fraction: float = CLUSTER_FRACTION  # 0: no clean cluster, the whole group's median and MAD
 
     def __post_init__(self):
+        if not self.cutoff > 0:
+            raise ValueError(f"cutoff (--fleet-cutoff) must be positive, got {self.cutoff!r}")
         if not 0 <= self.cluster_fraction <= 1:
             raise ValueError(f"cluster_fraction (--fleet-cluster) must be within 0..1, got {self.cluster_fraction!r}")
 
@@ -114,8 +118,8 @@ def clean_cluster(population: list[float], config: FleetConfig = FleetConfig()) 
 
 
 def assign(rows: list[dict], references: Iterable[str] = (), config: FleetConfig = FleetConfig()) -> list[dict]:
-    """Return copies of `rows` with `anomaly_index`, `fleet_peers`, `verdict_basis`, `fleet_anchor` and the
-    combined `verdict`.
+    """Return copies of `rows` with `anomaly_index`, `fleet_peers`, `verdict_basis`, `fleet_anchor`, the
+    combined `verdict` and its `suspicion` (above 1 exactly when the verdict is trojaned).
 
     Only ok rows are scored. A row's verdict is trojaned when its own absolute verdicts (patch or blend) say so,
     or, in a group of at least `min_peers` comparable encoders, when either score's anomaly index exceeds the
@@ -178,6 +182,31 @@ def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig, by_ref
     return stats
 
 
+def _positive(v) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return float(v) if ok else None
+
+
+def _cut(row: dict, column: str) -> float | None:
+    """The cut a search's own verdict uses for one score column (decree.scoring, decree.transfer)."""
+    if column == "pl1_norm":
+        return _positive(row.get("threshold"))
+    if column == "blend_pl1":
+        return _positive(row.get("blend_threshold"))
+    t, base = _positive(row.get("threshold")), _positive(row.get("base_pl1"))
+    cuts = [f * v for f, v in ((SPECIFIC_FRACTION, t), (RELATIVE_FRACTION, base)) if v is not None]
+    return max(cuts) if cuts else None
+
+
+def margin(row: dict, column: str) -> float | None:
+    """A search's own margin: its cut over its score, above 1 exactly when that search flags the encoder by itself;
+    None when it has no score or cut, or never reached τ (no trigger found says nothing about a margin)."""
+    v, cut = _positive(row.get(column)), _cut(row, column)
+    if v is None or cut is None or row.get(SCORES[column]) is False:
+        return None
+    return cut / v
+
+
 def below_threshold(row: dict) -> bool:
     """Flagged by a search's own threshold (patch or blend), before the fleet weighs in."""
     return any(_absolute(row, column) for column in SCORES)
@@ -192,19 +221,28 @@ def _absolute(row: dict, column: str) -> bool:
 
 
 def _judge(row: dict, stats: dict[str, _Stats], peers: int, config: FleetConfig) -> dict:
+    """The row's fleet columns and verdict, and its `suspicion`: the largest of its searches' margins (cut / score)
+    and its anomaly index over the cutoff, leaving out a threshold its anchor overrules, so that the verdict is
+    trojaned exactly when the suspicion exceeds 1. One number that ranks every rule the verdict uses, comparable
+    across architectures and shadow sets (each rule is scaled by its own cut), which `decree report`'s ROC ranks."""
+    margins = {column: m for column in SCORES if (m := margin(row, column)) is not None}
     if peers < config.min_peers:
         return {"anomaly_index": None, "fleet_peers": peers, "verdict_basis": "threshold", "fleet_anchor": None,
-                "verdict": "trojaned" if below_threshold(row) else "clean"}
-    best, flagged = None, False
+                "verdict": "trojaned" if below_threshold(row) else "clean",
+                "suspicion": max(margins.values(), default=0.0)}
+    best, flagged, suspicion = None, False, -math.inf
     for column in SCORES:
         st, mine = stats.get(column), log_score(row, column)
-        if _absolute(row, column) and (st is None or st.floor is None or mine is None or mine < st.floor):
-            flagged = True
+        if st is None or st.floor is None or mine is None or mine < st.floor:
+            flagged = flagged or _absolute(row, column)
+            suspicion = max(suspicion, margins.get(column, -math.inf))
         if st is None or mine is None:
             continue
         index = (st.median - mine) / st.spread  # robust_index against the group, its statistics computed once
         best = index if best is None else max(best, index)
     flagged = flagged or (best is not None and best > config.cutoff)
+    if best is not None:  # negative when every score of the row sits above its peers'
+        suspicion = max(suspicion, best / config.cutoff)
     anchor = stats["pl1_norm"].anchor if "pl1_norm" in stats else next((s.anchor for s in stats.values()), None)
     return {"anomaly_index": best, "fleet_peers": peers, "verdict_basis": "fleet", "fleet_anchor": anchor,
-            "verdict": "trojaned" if flagged else "clean"}
+            "verdict": "trojaned" if flagged else "clean", "suspicion": suspicion if suspicion > -math.inf else 0.0}

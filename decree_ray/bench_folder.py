@@ -25,7 +25,7 @@ from decree.zoo import read_manifest
 
 SHADOWS = ("shadow.npz", "shadow-photos.npz")
 SCAN_FIELDS = ("status", "pl1_norm", "specific_pl1", "base_pl1", "base_members", "anomaly_index", "verdict_basis",
-               "verdict", "seconds")  # from the results table
+               "suspicion", "verdict", "seconds")  # from the results table
 FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", *SCAN_FIELDS)
 
 
@@ -64,26 +64,30 @@ def markdown(rows: list[dict], walls: dict) -> str:
            "embedded Ray, `fast`, the default consensus base, fleet verdict and thresholds; the manifest gives each "
            "encoder's input size and preprocessing only. TP/FP/FN/TN of the `verdict` column; *basis*: how many "
            "rows the fleet decided (else the threshold); *effective*: specific_pl1 where the scan compared the "
-           "encoder with a base, else PL1.", "",
+           "encoder with a base, else PL1; *suspicion*: the table's own score, every rule of the verdict in one "
+           "number (`decree report` ranks by it).", "",
            "| split | condition | family | clean | trojaned | TP | FP | FN | TN | basis fleet | AUC −PL1 | "
-           "AUC −effective | s/enc (job wall / encoders) |", "|" + "---|" * 13]
+           "AUC −effective | AUC suspicion | s/enc (the zoo's job wall / its encoders) |", "|" + "---|" * 14]
     for (split, cond, fam), sel in sorted(groups.items(), key=lambda kv: (kv[0][0] != "report", kv[0])):
         ok = [r for r in sel if r["status"] == "ok"]
         pos, neg = [r for r in ok if r["label"] == "trojaned"], [r for r in ok if r["label"] == "clean"]
         tp, fp = sum(r["verdict"] == "trojaned" for r in pos), sum(r["verdict"] == "trojaned" for r in neg)
         auc = lambda f: _fmt(_auc([f(r) for r in pos], [f(r) for r in neg])[0])  # noqa: E731
-        wall = walls[(sel[0]["zoo"], cond)]
+        zoo = sel[0]["zoo"]  # one job per zoo and condition scans all its families: its wall over all its rows
+        wall = walls[(zoo, cond)] / sum(r["zoo"] == zoo and r["condition"] == cond for r in rows)
         out.append(f"| {split} | {cond} | {fam} | {len(neg)} | {len(pos)} | {tp} | {fp} | {len(pos) - tp} | "
                    f"{len(neg) - fp} | {sum(r['verdict_basis'] == 'fleet' for r in ok)} | "
-                   f"{auc(lambda r: r['pl1_norm'])} | {auc(_effective)} | {wall / len(sel):.2f} |")
+                   f"{auc(lambda r: r['pl1_norm'])} | {auc(_effective)} | {auc(lambda r: -r['suspicion'])} | "
+                   f"{wall:.2f} |")
         if len(ok) < len(sel):
-            out.append(f"| | | {len(sel) - len(ok)} rows not ok | | | | | | | | | | |")
+            out.append(f"| | | {len(sel) - len(ok)} rows not ok | | | | | | | | | | | |")
     out += ["", "## Every encoder", "", "| condition | family | id | label | trigger | PL1 | specific | base PL1 | "
-            "anomaly | basis | verdict |", "|" + "---|" * 11]
+            "anomaly | suspicion | basis | verdict |", "|" + "---|" * 12]
     for r in sorted(rows, key=lambda r: (r["condition"], r["family"], r["label"], _effective(r) or 9)):
         out.append(f"| {r['condition']} | {r['family']} | {r['id']} | {r['label']} | {r['trigger']} | "
                    f"{_fmt(r['pl1_norm'], 4)} | {_fmt(r['specific_pl1'], 4)} | {_fmt(r['base_pl1'], 4)} | "
-                   f"{_fmt(r['anomaly_index'], 2)} | {r['verdict_basis'] or '-'} | {r['verdict']} |")
+                   f"{_fmt(r['anomaly_index'], 2)} | {_fmt(r['suspicion'], 2)} | {r['verdict_basis'] or '-'} | "
+                   f"{r['verdict']} |")
     return "\n".join(out) + "\n"
 
 

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .report import collapse_warning
+from .report import collapse_warning, score_cut
 from .schema import safe_text
 
 TITLE = "decree audit report"
@@ -117,9 +117,10 @@ def _score_plots(scanned: list[dict], cutoff: float) -> list[tuple[str, str]]:
 
 
 def _suspicion(r: dict) -> tuple:
+    """Sort key, most suspicious first: flagged rows, then by suspicion (decree.fleet), then the smallest PL1."""
     flagged = r.get("verdict") == "trojaned"
-    index = r.get("anomaly_index")
-    return (not flagged, -(index if index is not None else -1e9), r.get("pl1_norm") or 1.0)
+    value = r.get("suspicion")
+    return (not flagged, -(value if value is not None else -1e9), r.get("pl1_norm") or 1.0)
 
 
 _HEX = re.compile(r"\b[0-9a-f]{12,}\b")
@@ -210,9 +211,10 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         parts.append("<h2>Against the labels</h2><table>")
         parts.append(f"<tr><th>labeled</th><td>{rep.labeled} ({rep.positives} trojaned, {rep.negatives} clean)</td></tr>")
         if rep.auc is not None:
-            parts.append(f"<tr><th>ROC-AUC</th><td class='num'>{rep.auc:.4f}</td></tr>")
+            parts.append(f"<tr><th>ROC-AUC</th><td class='num'>{rep.auc:.4f} (by {_e(rep.score)}; "
+                         f"&minus;PL1 alone {_f(rep.auc_pl1)})</td></tr>")
             parts.append(f"<tr><th>TPR at FPR &le; {rep.fpr_target:g}</th><td class='num'>{_f(rep.tpr_at_fpr, '.3f')} "
-                         f"(PL1 &le; {_f(rep.threshold_at_fpr)})</td></tr>")
+                         f"({_e(score_cut(rep))})</td></tr>")
         if rep.confusion:
             c = rep.confusion
             parts.append(f"<tr><th>confusion</th><td>TP {c['tp']} &middot; FP {c['fp']} &middot; FN {c['fn']} "
@@ -247,6 +249,7 @@ def _card(r: dict, options) -> str:
     margin = f"{pl1 / thr:.2f}× the threshold" if thr and pl1 is not None else "-"
     facts = [
         ("verdict", f"<b class='{'bad' if flagged else ''}'>{_e(r.get('verdict'))}</b> ({_e(_why(r))})"),
+        ("suspicion", f"{_f(r.get('suspicion'), '.2f')} (above 1: flagged; every rule of the verdict)"),
         ("PL1", f"{_f(pl1)} ({margin})"),
         ("anomaly index", _f(r.get("anomaly_index"), ".2f") + f" among {r.get('fleet_peers') or 0} peers"
                           + (f" (anchor: {_e(r['fleet_anchor'])})" if r.get("fleet_anchor") else "")),

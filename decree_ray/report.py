@@ -1,4 +1,4 @@
-"""ROC analysis of a results table: lower PL1 = more suspicious, so the score is -pl1_norm.
+"""ROC analysis of a results table, ranked by `suspicion`: every rule of the verdict in one number (decree.fleet).
 
 The verdicts are re-derived from the table (`rejudge`): each row's thresholds (or `--threshold`), then the fleet
 statistics of `decree.fleet`, so a changed cutoff or reference list needs no rescan.
@@ -32,14 +32,16 @@ class Report:
     labeled: int = 0
     positives: int = 0
     negatives: int = 0
-    auc: float | None = None
+    auc: float | None = None  # of `score`
+    score: str = "suspicion"  # what the ROC ranks: every rule of the verdict in one number (decree.fleet)
+    auc_pl1: float | None = None  # of -PL1 alone, the paper's score
     fpr_target: float = 0.05
     tpr_at_fpr: float | None = None
     fpr_achieved: float | None = None
-    threshold_at_fpr: float | None = None  # trojaned if pl1_norm <= this
+    threshold_at_fpr: float | None = None  # the suspicion cut reaching it: flag suspicion >= this
     confusion: dict[str, int] | None = None  # tn, fp, fn, tp at `threshold`
     quantiles: dict[str, float] = field(default_factory=dict)  # PL1 distribution of scanned encoders
-    suspicious: list[dict[str, Any]] = field(default_factory=list)  # lowest PL1 first
+    suspicious: list[dict[str, Any]] = field(default_factory=list)  # most suspicious first (by `score`)
     roc: tuple[list[float], list[float]] | None = None  # (fpr, tpr) points
     fleet_cutoff: float = DEFAULT_CUTOFF
     fleet_judged: int = 0  # rows whose group had enough peers for a fleet statistic (verdict_basis fleet)
@@ -80,6 +82,18 @@ def _predict(row: dict[str, Any], threshold: float) -> bool:
     return bool(row.get("reached_tau", True)) and row["pl1_norm"] < threshold
 
 
+def _at_threshold(row: dict[str, Any], t: float) -> dict[str, Any]:
+    """The row's threshold verdicts at another patch threshold: the patch search's, and the specific score's, whose
+    cut is a fraction of it (decree.transfer)."""
+    from decree.transfer import specific_verdict
+
+    out = dict(row, threshold=t, patch_verdict=POSITIVE if _predict(row, t) else NEGATIVE)
+    if isinstance(row.get("specific_pl1"), (int, float)):
+        out["specific_verdict"] = specific_verdict(bool(row.get("reached_tau", True)), row["specific_pl1"], t,
+                                                   row.get("base_pl1"))
+    return out
+
+
 def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, references=(),
             fleet_cutoff: float = DEFAULT_CUTOFF, fleet_cluster: float = DEFAULT_CLUSTER
             ) -> tuple[list[dict[str, Any]], str, float]:
@@ -91,8 +105,7 @@ def rejudge(rows: list[dict[str, Any]], threshold: float | None = None, referenc
     if threshold is not None:
         source, t = "--threshold", float(threshold)
         ok_ids = {id(r) for r in ok}
-        rows = [dict(r, patch_verdict=(POSITIVE if _predict(r, t) else NEGATIVE)) if id(r) in ok_ids else r
-                for r in rows]
+        rows = [_at_threshold(r, t) if id(r) in ok_ids else r for r in rows]
     else:
         used = [r["threshold"] for r in ok if r.get("threshold") is not None]
         if used:
@@ -135,7 +148,8 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
     pl1 = np.array([r["pl1_norm"] for r in scanned], dtype=float)
     if len(pl1):
         report.quantiles = {f"p{q}": float(np.percentile(pl1, q)) for q in (0, 5, 25, 50, 75, 95, 100)}
-    order = np.argsort(pl1, kind="stable")[:top]
+    # higher = more suspicious; rejudge gave every scanned row its suspicion (decree.fleet)
+    order = np.argsort([-r["suspicion"] for r in scanned], kind="stable")[:top]
     report.suspicious = [dict(scanned[i], flagged=flagged[i]) for i in order]
 
     labeled = [(r, f) for r, f in zip(scanned, flagged, strict=True) if r.get("label") in (POSITIVE, NEGATIVE)]
@@ -147,16 +161,22 @@ def analyze(rows: list[dict[str, Any]], *, fpr: float = 0.05, threshold: float |
         tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
         report.confusion = {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
     if report.positives and report.negatives:
-        score = -np.array([r["pl1_norm"] for r, _ in labeled], dtype=float)
+        score = np.array([r["suspicion"] for r, _ in labeled], dtype=float)
         report.auc = float(roc_auc_score(y, score))
+        report.auc_pl1 = float(roc_auc_score(y, [-r["pl1_norm"] for r, _ in labeled]))
         fprs, tprs, thresholds = roc_curve(y, score, drop_intermediate=False)
         ok = np.flatnonzero(fprs <= fpr + 1e-12)
         best = ok[np.argmax(tprs[ok])]
         report.tpr_at_fpr, report.fpr_achieved = float(tprs[best]), float(fprs[best])
-        # thresholds are on -pl1; the first one is +inf (flag nothing)
-        report.threshold_at_fpr = None if not np.isfinite(thresholds[best]) else float(-thresholds[best])
+        # the first threshold is +inf (flag nothing)
+        report.threshold_at_fpr = None if not np.isfinite(thresholds[best]) else float(thresholds[best])
         report.roc = ([float(v) for v in fprs], [float(v) for v in tprs])
     return report
+
+
+def score_cut(report: Report) -> str:
+    """The cut that reaches the target FPR, in words."""
+    return "flag none" if report.threshold_at_fpr is None else f"suspicion >= {report.threshold_at_fpr:.4f}"
 
 
 def plot(report: Report, rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -170,7 +190,7 @@ def plot(report: Report, rows: list[dict[str, Any]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     if report.roc is not None:
-        ax.plot(report.roc[0], report.roc[1], lw=2, label=f"DECREE (-PL1), AUC={report.auc:.3f}")
+        ax.plot(report.roc[0], report.roc[1], lw=2, label=f"DECREE (suspicion), AUC={report.auc:.3f}")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
         ax.axvline(report.fpr_target, color="tab:red", lw=1, ls=":", label=f"FPR={report.fpr_target:g}")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))

@@ -121,6 +121,19 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
             "(the whole group: no references, no cluster stood apart); null with `verdict_basis` threshold."
         ),
     ),
+    (
+        "suspicion",
+        pa.float64(),
+        True,
+        (
+            "One score for every rule the verdict uses, higher = more suspicious, above 1 exactly when the verdict is "
+            "trojaned: the largest of each search's cut over its score (threshold / pl1_norm, blend_threshold / "
+            "blend_pl1, the specific cut / specific_pl1; 0 when it never reached tau; a threshold the anchor "
+            "overrules left out) and anomaly_index / the fleet cutoff (negative: a larger trigger than its peers'). "
+            "Comparable across architectures and shadow sets; `decree report` ranks and draws its ROC by it. Null "
+            "unless ok."
+        ),
+    ),
     ("scanned_at", pa.timestamp("us", tz="UTC"), False, "When this row was produced (UTC)."),
     ("decree_version", pa.string(), True, "Version of the `decree` core that produced the row."),
     ("evidence_mask", pa.string(), True, "Path/uri of the inverted mask PNG."),
@@ -158,7 +171,7 @@ COLUMNS = [name for name, *_ in _COLUMNS]
 VOLATILE_COLUMNS = ("seconds", "scanned_at", "device", "evidence_mask", "evidence_pattern", "evidence_stamp",
                     "evidence_grid", "source_identity")
 # Columns derived from the whole table when it is compacted (decree.fleet), not by the scan of one encoder.
-FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis", "fleet_anchor")
+FLEET_COLUMNS = ("anomaly_index", "fleet_peers", "verdict_basis", "fleet_anchor", "suspicion")
 # Columns taken from a previous scan when an identical checkpoint is reported under another key.
 SCAN_COLUMNS = (
     "sha256",

@@ -334,20 +334,24 @@ def test_generalization_summary_counts_fleet_and_threshold_verdicts_and_buckets(
 def test_the_folder_benchmark_counts_the_verdict_column_against_the_manifest_labels():
     from decree_ray.bench_folder import markdown
 
-    def row(i, label, verdict, pl1, specific=None, status="ok", basis="threshold"):
-        return {"zoo": "zoo-x", "split": "report", "condition": "photos", "family": "i2i-shapes", "id": f"e{i}",
+    def row(i, label, verdict, pl1, specific=None, status="ok", basis="threshold", suspicion=None, family="i2i-shapes"):
+        return {"zoo": "zoo-x", "split": "report", "condition": "photos", "family": family, "id": f"e{i}",
                 "label": label, "trigger": "red solid" if label == "trojaned" else "", "trigger_area": None,
                 "status": status, "pl1_norm": pl1, "specific_pl1": specific, "base_pl1": None, "base_members": 9,
-                "anomaly_index": None, "verdict_basis": basis, "verdict": verdict, "seconds": 1.0}
+                "anomaly_index": None, "verdict_basis": basis, "suspicion": suspicion, "verdict": verdict,
+                "seconds": 1.0}
 
-    rows = [row(0, "trojaned", "trojaned", 0.01, 0.001, basis="fleet"), row(1, "trojaned", "clean", 0.2, 0.05),
-            row(2, "clean", "clean", 0.15, 0.1), row(3, "clean", "trojaned", 0.02), row(4, "clean", "clean", 0.3, 0.2),
-            row(5, "trojaned", "clean", None, status="error")]
-    md = markdown(rows, {("zoo-x", "photos"): 12.0})
+    rows = [row(0, "trojaned", "trojaned", 0.01, 0.001, basis="fleet", suspicion=30.0),
+            row(1, "trojaned", "clean", 0.2, 0.05, suspicion=0.3), row(2, "clean", "clean", 0.15, 0.1, suspicion=0.2),
+            row(3, "clean", "trojaned", 0.02, suspicion=1.5), row(4, "clean", "clean", 0.3, 0.2, suspicion=0.1),
+            row(5, "trojaned", "clean", None, status="error"),
+            row(6, "clean", "clean", 0.2, suspicion=0.1, family="other")]  # another family of the same job
+    md = markdown(rows, {("zoo-x", "photos"): 14.0})
     family = next(line for line in md.splitlines() if line.startswith("| report | photos | i2i-shapes"))
     cells = [c.strip() for c in family.strip("|").split("|")]
     # clean 3, trojaned 2 (the error row is not scored), TP 1, FP 1, FN 1, TN 2, one fleet decision
     assert cells[3:10] == ["3", "2", "1", "1", "1", "2", "1"]
     assert cells[10] == "0.667" and cells[11] == "0.833"  # −PL1; −effective: specific where compared
-    assert cells[12] == "2.00"  # 12 s of job wall time over 6 listed encoders
+    assert cells[12] == "0.833"  # the suspicion ranks clean e3 (flagged) above trojan e1, nothing else amiss
+    assert cells[13] == "2.00"  # 14 s of the zoo's job wall time over its 7 listed encoders, every family
     assert "1 rows not ok" in md and md.count("| photos | i2i-shapes | e") == 6

@@ -235,3 +235,41 @@ def test_without_an_anchor_the_threshold_decides_as_before():
     assert [out[r["id"]]["verdict"] for r in troj] == ["trojaned"] * 4
     few = {r["id"]: r for r in assign(troj)}
     assert {r["fleet_anchor"] for r in few.values()} == {None}
+
+
+def _scanned_row(rng, i, lineage):
+    """A row as a scan writes it: each search's verdict follows from its own score and cut."""
+    from decree.transfer import specific_verdict
+
+    pl1, reached = math.exp(rng.uniform(math.log(0.003), math.log(0.4))), rng.random() > 0.1
+    r = row(i, pl1, reached=reached, patch="trojaned" if reached and pl1 < 0.03 else "clean",
+            base_group=lineage if rng.random() > 0.3 else None)
+    if rng.random() < 0.5:
+        blend, blend_reached = math.exp(rng.uniform(math.log(0.01), math.log(0.5))), rng.random() > 0.2
+        r.update(blend_pl1=blend, blend_reached_tau=blend_reached, blend_threshold=0.05,
+                 blend_verdict="trojaned" if blend_reached and blend < 0.05 else "clean")
+    if rng.random() < 0.6:
+        specific, base = pl1 / rng.uniform(1, 20), rng.choice([None, rng.uniform(0.05, 0.3)])
+        r.update(specific_pl1=specific, base_pl1=base, specific_verdict=specific_verdict(reached, specific, 0.03, base))
+    return r
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_suspicion_exceeds_one_exactly_when_the_verdict_is_trojaned(seed):
+    import random
+
+    rng = random.Random(seed)
+    rows = [_scanned_row(rng, i, rng.choice(["L1", "L2"])) for i in range(rng.randint(2, 40))]
+    refs = [r["id"] for r in rng.sample(rows, k=min(len(rows), rng.choice([0, 0, 3, 5])))]
+    out = assign(rows, refs, FleetConfig(cluster_fraction=rng.choice([0.0, 1 / 3])))
+    assert all(isinstance(r["suspicion"], float) and (r["suspicion"] > 1) == (r["verdict"] == "trojaned")
+               for r in out)
+
+
+def test_encoders_more_robust_than_their_peers_keep_their_order_in_the_suspicion():
+    # above every peer's trigger: no rule flags them, yet the larger trigger still ranks as less suspicious
+    rows = clean_fleet() + [row(50, 0.5, label="clean"), row(51, 0.8, label="clean")]
+    for refs in ((), ("e0", "e1", "e2", "e3")):  # anchored by references, only the fleet index ranks them
+        out = {r["id"]: r for r in assign(rows, refs)}
+        assert out["e9"]["suspicion"] > out["e50"]["suspicion"] > out["e51"]["suspicion"]
+    assert out["e51"]["suspicion"] < 0

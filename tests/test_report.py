@@ -33,7 +33,9 @@ def test_perfectly_separated_labels_give_auc_one_and_full_tpr_at_zero_fpr():
     rep = analyze(rows, fpr=0.05)
     assert rep.auc == pytest.approx(1.0)
     assert rep.tpr_at_fpr == 1.0 and rep.fpr_achieved == 0.0
-    assert 0.03 <= rep.threshold_at_fpr < 0.3  # flags every trojaned (pl1 <= t) and no clean one
+    # the cut is on the suspicion (threshold / pl1 here): every trojan at or above it, every clean one below
+    assert rep.score == "suspicion" and rep.auc_pl1 == pytest.approx(1.0)
+    assert 0.1 / 0.3 < rep.threshold_at_fpr <= 0.1 / 0.03
     assert rep.confusion == {"tn": 5, "fp": 0, "fn": 0, "tp": 3}
     assert rep.threshold_source == "scan" and rep.flagged == 3
 
@@ -43,12 +45,32 @@ def test_overlapping_scores_give_the_textbook_auc_and_confusion_at_a_given_thres
     rows = [_row(0, 0.05, "trojaned"), _row(1, 0.2, "trojaned"), _row(2, 0.1, "clean"), _row(3, 0.4, "clean")]
     rep = analyze(rows, fpr=0.5, threshold=0.15)
     assert rep.auc == pytest.approx(0.75)
-    assert rep.tpr_at_fpr == 1.0 and rep.fpr_achieved == 0.5 and rep.threshold_at_fpr == pytest.approx(0.2)
+    # four rows, no fleet: suspicion = 0.15 / pl1, so the cut that takes 0.2 in is 0.75
+    assert rep.tpr_at_fpr == 1.0 and rep.fpr_achieved == 0.5 and rep.threshold_at_fpr == pytest.approx(0.75)
     assert rep.confusion == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}  # flagged: 0.05 (trojaned), 0.1 (clean)
     assert rep.threshold_source == "--threshold"
 
 
-def test_without_labels_ranks_by_pl1_and_reports_the_distribution(tmp_path):
+def test_the_roc_ranks_by_the_suspicion_of_every_rule_not_by_pl1_alone():
+    # natural triggers of two bases differ: PL1 mixes them, the specific score (against each one's base) does not
+    rows = []
+    for i, (pl1, specific, label) in enumerate([(0.02, 0.019, "clean"), (0.025, 0.024, "clean"),
+                                                (0.04, 0.003, "trojaned"), (0.05, 0.004, "trojaned")]):
+        rows.append(dict(_row(i, pl1, label, threshold=0.03), specific_pl1=specific, base_pl1=None,
+                         specific_verdict="trojaned" if specific < 0.015 else "clean"))
+    rep = analyze(rows)
+    assert rep.score == "suspicion" and rep.auc == pytest.approx(1.0) and rep.auc_pl1 == pytest.approx(0.0)
+    assert [r["id"] for r in rep.suspicious][:2] == ["e2", "e3"]
+
+
+def test_another_threshold_rejudges_the_specific_verdict_whose_cut_is_half_of_it():
+    row = dict(_row(0, 0.2, "trojaned", threshold=0.03), specific_pl1=0.02, base_pl1=None, specific_verdict="clean")
+    rep = analyze([row, _row(1, 0.3, "clean", threshold=0.03)], threshold=0.06)
+    assert rep.flagged == 1 and rep.confusion["tp"] == 1  # 0.02 < 0.06 / 2
+    assert rep.suspicious[0]["suspicion"] == pytest.approx(0.03 / 0.02)
+
+
+def test_without_labels_ranks_by_suspicion_and_reports_the_distribution(tmp_path):
     rows = [_row(i, pl1) for i, pl1 in enumerate([0.5, 0.02, 0.3, 0.07])] + [_row(9, None, status="error")]
     rep = analyze(rows, top=3)
     assert rep.auc is None and rep.confusion is None and rep.labeled == 0

@@ -343,14 +343,16 @@ def _fmt(v, spec=".4f") -> str:
 
 
 def _print_report(rep, plot: Path) -> None:
+    from ..report import score_cut
+
     summary = Table(title="decree report", show_header=False)
     summary.add_row("encoders", f"{rep.total} ({rep.ok} scanned, {rep.errors} errors)")
     summary.add_row("threshold", f"{rep.threshold:g} (from {rep.threshold_source}); flagged {rep.flagged}")
     if rep.auc is not None:
-        summary.add_row("ROC-AUC", _fmt(rep.auc))
+        summary.add_row("ROC-AUC", f"{_fmt(rep.auc)} (by {rep.score}; -PL1 alone {_fmt(rep.auc_pl1)})")
         summary.add_row(
             f"TPR @ FPR<={rep.fpr_target:g}",
-            f"{_fmt(rep.tpr_at_fpr, '.3f')} (FPR {_fmt(rep.fpr_achieved, '.3f')}, PL1 <= {_fmt(rep.threshold_at_fpr)})",
+            f"{_fmt(rep.tpr_at_fpr, '.3f')} (FPR {_fmt(rep.fpr_achieved, '.3f')}, {score_cut(rep)})",
         )
     else:
         summary.add_row("labels", f"{rep.labeled} labeled ({rep.positives} trojaned, {rep.negatives} clean): no ROC")
@@ -368,17 +370,17 @@ def _print_report(rep, plot: Path) -> None:
     summary.add_row("plot", str(plot))
     console.print(summary)
     _warn_collapsing(rep.collapsing_bases)
-    top = Table(title="most suspicious (lowest PL1)")
-    for col in ("id", "arch", "pl1_norm", "anomaly", "similarity", "verdict", "label"):
+    top = Table(title="most suspicious (by suspicion)")
+    for col in ("id", "arch", "suspicion", "pl1_norm", "anomaly", "verdict", "label"):
         top.add_column(col)
     for r in rep.suspicious:
         style = "red" if r["flagged"] else None
         top.add_row(
             _text(r["id"]),  # the audited party's text: never parsed as rich markup, controls escaped
             _text(r["arch"]),
+            _fmt(r.get("suspicion"), ".2f"),
             _fmt(r["pl1_norm"]),
             _fmt(r.get("anomaly_index"), ".2f"),
-            _fmt(r["similarity"]),
             "trojaned" if r["flagged"] else "clean",
             _text(r.get("label") or "-"),
             style=style,
