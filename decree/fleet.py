@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .transfer import RELATIVE_FRACTION, SPECIFIC_FRACTION
+from .transfer import specific_cut
 
 # Neural Cleanse flags an anomaly index above 2; measured on the tune families (bench/README.md).
 DEFAULT_CUTOFF = 3.0
@@ -65,13 +65,18 @@ def group_key(row: dict) -> tuple:
     return (row.get("arch"), row.get("image_size"), row.get("shadow_sha256"), row.get("profile"))
 
 
+def _positive(v) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return float(v) if ok else None
+
+
 def log_score(row: dict, column: str) -> float | None:
-    v = row.get(column)
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    v = _positive(row.get(column))
+    if v is None:
         return None
     if row.get(SCORES[column]) is False:
         return 0.0  # the search never reached τ: no trigger found, the least suspicious score (PL1 1.0)
-    return math.log(min(float(v), 1.0))
+    return math.log(min(v, 1.0))
 
 
 def _median(values: list[float]) -> float:
@@ -182,20 +187,13 @@ def _group_stats(rows: list[dict], basis: list[int], config: FleetConfig, by_ref
     return stats
 
 
-def _positive(v) -> float | None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    return float(v) if ok else None
-
-
 def _cut(row: dict, column: str) -> float | None:
     """The cut a search's own verdict uses for one score column (decree.scoring, decree.transfer)."""
     if column == "pl1_norm":
         return _positive(row.get("threshold"))
     if column == "blend_pl1":
         return _positive(row.get("blend_threshold"))
-    t, base = _positive(row.get("threshold")), _positive(row.get("base_pl1"))
-    cuts = [f * v for f, v in ((SPECIFIC_FRACTION, t), (RELATIVE_FRACTION, base)) if v is not None]
-    return max(cuts) if cuts else None
+    return specific_cut(_positive(row.get("threshold")), _positive(row.get("base_pl1")))
 
 
 def margin(row: dict, column: str) -> float | None:

@@ -59,14 +59,16 @@ class Transfer:
         return pl1 / self.ratio
 
 
+def specific_cut(threshold: float | None, base_pl1: float | None = None) -> float | None:
+    """The specific score's cut: SPECIFIC_FRACTION of the threshold or RELATIVE_FRACTION of the base's own smallest
+    trigger (`base_pl1`: None when unknown or the base never reached τ), whichever is larger; None without either."""
+    cuts = [f * v for f, v in ((SPECIFIC_FRACTION, threshold), (RELATIVE_FRACTION, base_pl1)) if v is not None]
+    return max(cuts) if cuts else None
+
+
 def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float, base_pl1: float | None = None) -> str:
-    """Flagged when the search reached τ and the specific area is under SPECIFIC_FRACTION of the threshold or under
-    RELATIVE_FRACTION of the base's own smallest trigger (`base_pl1`: None when unknown or the base never reached
-    τ)."""
-    if not reached_tau:
-        return "clean"
-    small = specific_pl1 < SPECIFIC_FRACTION * threshold
-    return "trojaned" if small or (base_pl1 is not None and specific_pl1 < RELATIVE_FRACTION * base_pl1) else "clean"
+    """Flagged when the search reached τ and the specific area is under its cut (`specific_cut`)."""
+    return "trojaned" if reached_tau and specific_pl1 < specific_cut(threshold, base_pl1) else "clean"
 
 
 def collapsing_bases(rows) -> list[dict]:

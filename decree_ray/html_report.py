@@ -211,7 +211,7 @@ def render(rows: list[dict], rep, *, options=None, cards: int = 100, page_size: 
         parts.append("<h2>Against the labels</h2><table>")
         parts.append(f"<tr><th>labeled</th><td>{rep.labeled} ({rep.positives} trojaned, {rep.negatives} clean)</td></tr>")
         if rep.auc is not None:
-            parts.append(f"<tr><th>ROC-AUC</th><td class='num'>{rep.auc:.4f} (by {_e(rep.score)}; "
+            parts.append(f"<tr><th>ROC-AUC</th><td class='num'>{rep.auc:.4f} (by suspicion; "
                          f"&minus;PL1 alone {_f(rep.auc_pl1)})</td></tr>")
             parts.append(f"<tr><th>TPR at FPR &le; {rep.fpr_target:g}</th><td class='num'>{_f(rep.tpr_at_fpr, '.3f')} "
                          f"({_e(score_cut(rep))})</td></tr>")

@@ -32,8 +32,7 @@ class Report:
     labeled: int = 0
     positives: int = 0
     negatives: int = 0
-    auc: float | None = None  # of `score`
-    score: str = "suspicion"  # what the ROC ranks: every rule of the verdict in one number (decree.fleet)
+    auc: float | None = None  # of `suspicion`: every rule of the verdict in one number (decree.fleet)
     auc_pl1: float | None = None  # of -PL1 alone, the paper's score
     fpr_target: float = 0.05
     tpr_at_fpr: float | None = None
@@ -41,7 +40,7 @@ class Report:
     threshold_at_fpr: float | None = None  # the suspicion cut reaching it: flag suspicion >= this
     confusion: dict[str, int] | None = None  # tn, fp, fn, tp at `threshold`
     quantiles: dict[str, float] = field(default_factory=dict)  # PL1 distribution of scanned encoders
-    suspicious: list[dict[str, Any]] = field(default_factory=list)  # most suspicious first (by `score`)
+    suspicious: list[dict[str, Any]] = field(default_factory=list)  # most suspicious first (by suspicion)
     roc: tuple[list[float], list[float]] | None = None  # (fpr, tpr) points
     fleet_cutoff: float = DEFAULT_CUTOFF
     fleet_judged: int = 0  # rows whose group had enough peers for a fleet statistic (verdict_basis fleet)

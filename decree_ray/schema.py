@@ -128,8 +128,8 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
         (
             "One score for every rule the verdict uses, higher = more suspicious, above 1 exactly when the verdict is "
             "trojaned: the largest of each search's cut over its score (threshold / pl1_norm, blend_threshold / "
-            "blend_pl1, the specific cut / specific_pl1; 0 when it never reached tau; a threshold the anchor "
-            "overrules left out) and anomaly_index / the fleet cutoff (negative: a larger trigger than its peers'). "
+            "blend_pl1, the specific cut / specific_pl1; a search that never reached tau, and a threshold the "
+            "anchor overrules, left out) and anomaly_index / the fleet cutoff (negative: a larger trigger than its peers'). "
             "Comparable across architectures and shadow sets; `decree report` ranks and draws its ROC by it. Null "
             "unless ok."
         ),

@@ -34,7 +34,7 @@ def test_perfectly_separated_labels_give_auc_one_and_full_tpr_at_zero_fpr():
     assert rep.auc == pytest.approx(1.0)
     assert rep.tpr_at_fpr == 1.0 and rep.fpr_achieved == 0.0
     # the cut is on the suspicion (threshold / pl1 here): every trojan at or above it, every clean one below
-    assert rep.score == "suspicion" and rep.auc_pl1 == pytest.approx(1.0)
+    assert rep.auc_pl1 == pytest.approx(1.0)
     assert 0.1 / 0.3 < rep.threshold_at_fpr <= 0.1 / 0.03
     assert rep.confusion == {"tn": 5, "fp": 0, "fn": 0, "tp": 3}
     assert rep.threshold_source == "scan" and rep.flagged == 3
@@ -59,7 +59,7 @@ def test_the_roc_ranks_by_the_suspicion_of_every_rule_not_by_pl1_alone():
         rows.append(dict(_row(i, pl1, label, threshold=0.03), specific_pl1=specific, base_pl1=None,
                          specific_verdict="trojaned" if specific < 0.015 else "clean"))
     rep = analyze(rows)
-    assert rep.score == "suspicion" and rep.auc == pytest.approx(1.0) and rep.auc_pl1 == pytest.approx(0.0)
+    assert rep.auc == pytest.approx(1.0) and rep.auc_pl1 == pytest.approx(0.0)
     assert [r["id"] for r in rep.suspicious][:2] == ["e2", "e3"]
 
 

@@ -349,7 +349,7 @@ def _print_report(rep, plot: Path) -> None:
     summary.add_row("encoders", f"{rep.total} ({rep.ok} scanned, {rep.errors} errors)")
     summary.add_row("threshold", f"{rep.threshold:g} (from {rep.threshold_source}); flagged {rep.flagged}")
     if rep.auc is not None:
-        summary.add_row("ROC-AUC", f"{_fmt(rep.auc)} (by {rep.score}; -PL1 alone {_fmt(rep.auc_pl1)})")
+        summary.add_row("ROC-AUC", f"{_fmt(rep.auc)} (by suspicion; -PL1 alone {_fmt(rep.auc_pl1)})")
         summary.add_row(
             f"TPR @ FPR<={rep.fpr_target:g}",
             f"{_fmt(rep.tpr_at_fpr, '.3f')} (FPR {_fmt(rep.fpr_achieved, '.3f')}, {score_cut(rep)})",
