@@ -8,7 +8,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 DEMO    ?= .demo
 
-.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-folder bench-scale bench-memory reliability clean
+.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-long bench-folder bench-scale bench-memory reliability clean
 
 install: $(STAMP) $(FMNIST) $(CHROMIUM)
 
@@ -42,7 +42,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-bench: bench-quality bench-transfer bench-shapes bench-folder bench-scale bench-memory
+bench: bench-quality bench-transfer bench-shapes bench-long bench-folder bench-scale bench-memory
 
 # The committed run: tune zoo (seed 0), report-only zoos (seed 1, and the 224-px family), both shadow
 # conditions, both profiles interleaved (paper skips 224 px: ~20 CPU-minutes an encoder, and the from-scratch
@@ -82,6 +82,14 @@ bench-shapes: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-shapes --family i2i-shapes --clean 6 --trojaned 8 --seed 1
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-shapes --out bench/shapes
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-shapes --out bench/shapes
+
+# bench/long/: the report-only `i2i-long` family (long, high-lr clean fine-tunes that drift far from their base, and
+# trojans on them), scanned as a user would (FOLDER.md) and per encoder with the true base and the consensus
+# (TRANSFER.md). The clean fine-tunes train 360-600 steps each: about 30 min to build on 2 cores
+bench-long: install
+	$(BIN)/decree zoo build $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --seed 1
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long --out bench/long
+	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-long --out bench/long
 
 # bench/folder/: what a user gets on the bench-quality zoos' 32-px families, tune (seed 0) and report-only (seed 1):
 # `decree scan` of each zoo's manifest with every default, both shadow conditions (decree_ray.bench_folder)

@@ -100,7 +100,8 @@ def folder_flags(rows: list[dict], cutoff: float = DEFAULT_CUTOFF) -> dict[int, 
 
 
 def summarize(rows: list[dict], cutoff: float = DEFAULT_CUTOFF) -> dict:
-    """{split: {condition: {profile: {"families": {...}, "buckets": {...}, "overall": {...}}}}}."""
+    """{split: {condition: {profile: {"families": {family: ...}, "buckets": {family: {bucket: ...}},
+    "overall": {...}}}}}."""
     ok = [r for r in rows if r.get("status") == "ok"]
     flags = fleet_flags(ok, cutoff)
     folder = folder_flags(ok, cutoff)
@@ -115,17 +116,17 @@ def summarize(rows: list[dict], cutoff: float = DEFAULT_CUTOFF) -> dict:
             fams[r["zoo_family"]].append(r)
         entry = {"families": {f: _metrics(g, flags) for f, g in sorted(fams.items())},
                  "overall": _metrics(sel, flags), "buckets": {}}
-        clean_by_arch = defaultdict(list)
-        for r in sel:
-            if r["label"] == "clean":
-                clean_by_arch[r["arch"]].append(r)
-        buckets: dict[str, list[dict]] = defaultdict(list)
-        for r in sel:
-            if r.get("bucket"):
-                buckets[r["bucket"]].append(r)
-        for name, troj in sorted(buckets.items()):
-            neg = [c for a in {t["arch"] for t in troj} for c in clean_by_arch[a]]
-            entry["buckets"][name] = _metrics(troj + neg, flags)
+        # per family and trigger bucket: the bucket's trojans against the family's own clean encoders (one
+        # architecture and input size; pooling families would rank one architecture's trojans against another's
+        # natural triggers, e.g. 32-px trojans against 224-px clean encoders)
+        for fam, g in sorted(fams.items()):
+            clean = [r for r in g if r["label"] == "clean"]
+            buckets: dict[str, list[dict]] = defaultdict(list)
+            for r in g:
+                if r.get("bucket"):
+                    buckets[r["bucket"]].append(r)
+            for name, troj in sorted(buckets.items()):
+                entry["buckets"].setdefault(fam, {})[name] = _metrics(troj + clean, flags)
         out.setdefault(split, {}).setdefault(cond, {})[prof] = entry
     return out
 
@@ -139,6 +140,7 @@ def _metrics(sel: list[dict], flags: dict) -> dict:
     folder = [flags[id(r)][2] for r in sel]
     troj = [r["label"] == "trojaned" for r in sel]
     secs = [r["seconds"] for r in sel if r.get("seconds") is not None]
+    secs_troj = [r["seconds"] for r in sel if r.get("seconds") is not None and r["label"] == "trojaned"]
 
     def counts(pred):
         return {"tp": sum(p and t for p, t in zip(pred, troj)), "fp": sum(p and not t for p, t in zip(pred, troj))}
@@ -147,8 +149,17 @@ def _metrics(sel: list[dict], flags: dict) -> dict:
             "threshold": counts(thr), "fleet": counts(fleet), "folder": counts(folder),
             "accuracy_threshold": _mean([p == t for p, t in zip(thr, troj)]),
             "accuracy_fleet": _mean([p == t for p, t in zip(fleet, troj)]),
-            "seconds_mean": _mean(secs), "max_trojan_pl1": max(pos) if pos else None,
+            "accuracy_folder": _mean([p == t for p, t in zip(folder, troj)]),
+            "seconds_mean": _mean(secs), "seconds_trojaned": _mean(secs_troj), "max_trojan_pl1": max(pos) if pos else None,
             "min_clean_pl1": min(neg) if neg else None}
+
+
+def _accuracies(g: dict) -> str:
+    return "/".join(_f(g.get(k), 2) for k in ("accuracy_threshold", "accuracy_fleet", "accuracy_folder"))
+
+
+def _bucket_seconds(g: dict) -> float | None:
+    return g.get("seconds_trojaned", g.get("seconds_mean"))
 
 
 def _mean(values) -> float | None:
@@ -179,7 +190,7 @@ def markdown(summary: dict, profiles: list[str], cutoff: float = DEFAULT_CUTOFF)
             head = ["family", "clean", "trojaned"]
             for p in profiles:
                 head += [f"AUC {p}", f"TPR@5% {p}", f"threshold TP/FP {p}", f"fleet TP/FP {p}", f"folder TP/FP {p}",
-                         f"s/enc {p}"]
+                         f"accuracy {p} (threshold/fleet/folder)", f"s/enc {p}"]
             body = []
             first_profile = next(p for p in profiles if p in per)  # a profile may skip a condition (paper at 224 px)
             names = list(per[first_profile]["families"]) + ["all"]
@@ -193,24 +204,29 @@ def markdown(summary: dict, profiles: list[str], cutoff: float = DEFAULT_CUTOFF)
                     g = per.get(p, {}).get("overall" if name == "all" else "families", {})
                     g = g if name == "all" else g.get(name)
                     if not g:
-                        cells += ["-"] * 6
+                        cells += ["-"] * 7
                         continue
                     cells += [_f(g["auc"]), _f(g["tpr_at_5fpr"]),
                               f"{g['threshold']['tp']}/{g['threshold']['fp']}", f"{g['fleet']['tp']}/{g['fleet']['fp']}",
-                              f"{g['folder']['tp']}/{g['folder']['fp']}", _f(g["seconds_mean"], 2)]
+                              f"{g['folder']['tp']}/{g['folder']['fp']}", _accuracies(g), _f(g["seconds_mean"], 2)]
                 body.append(cells)
             md += _table(head, body) + [""]
-            bhead = ["trigger", "trojaned", *[f"AUC {p}" for p in profiles], *[f"fleet TP {p}" for p in profiles]]
+            bhead = ["family", "trigger", "trojaned", "clean"]
+            for p in profiles:
+                bhead += [f"AUC {p}", f"TPR@5% {p}", f"fleet TP {p}", f"accuracy {p} (threshold/fleet/folder)",
+                          f"s/enc {p}"]
             brows = []
-            for name, g0 in per[first_profile]["buckets"].items():
-                row = [name, str(g0["n_trojaned"])]
-                row += [_f(per.get(p, {}).get("buckets", {}).get(name, {}).get("auc")) for p in profiles]
-                row += [str(per.get(p, {}).get("buckets", {}).get(name, {}).get("fleet", {}).get("tp", "-"))
-                        for p in profiles]
-                brows.append(row)
+            for fam, per_bucket in per[first_profile]["buckets"].items():
+                for name, g0 in per_bucket.items():
+                    row = [fam, name, str(g0["n_trojaned"]), str(g0["n_clean"])]
+                    for p in profiles:
+                        g = per.get(p, {}).get("buckets", {}).get(fam, {}).get(name)
+                        row += ([_f(g["auc"]), _f(g["tpr_at_5fpr"]), str(g["fleet"]["tp"]), _accuracies(g),
+                                 _f(_bucket_seconds(g), 2)] if g else ["-"] * 5)
+                    brows.append(row)
             if brows:
-                md += ["By trigger kind and size (trojans of the bucket against the clean encoders of their "
-                       "architecture):", ""] + _table(bhead, brows) + [""]
+                md += ["Per family, by trigger kind and size (the bucket's trojans against the family's clean encoders; "
+                       "accuracy over both, s/enc over the bucket's trojans):", ""] + _table(bhead, brows) + [""]
     return "\n".join(md)
 
 

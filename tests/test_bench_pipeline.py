@@ -313,19 +313,27 @@ def test_both_shadow_conditions_are_scanned_and_reported_per_split(tiny_zoo, tmp
 
 
 def test_generalization_summary_counts_fleet_and_threshold_verdicts_and_buckets():
-    from decree.generalization import bucket_of, summarize
+    from decree.generalization import bucket_of, markdown, summarize
 
-    def r(i, label, pl1, verdict="clean", **kw):
+    def r(i, label, pl1, verdict="clean", family="i2i-large", size=32, **kw):
         return {"id": f"e{i}", "status": "ok", "label": label, "pl1_norm": pl1, "reached_tau": True,
                 "verdict": verdict, "split": "report", "condition": "photos", "profile": "fast", "arch": "a",
-                "image_size": 32, "zoo_family": "i2i-large", "seconds": 1.0, "bucket": kw.get("bucket")}
+                "image_size": size, "zoo_family": family, "seconds": 1.0 + i, "bucket": kw.get("bucket")}
 
     rows = [r(i, "clean", 0.2 + 0.01 * i) for i in range(8)]
     rows += [r(10, "trojaned", 0.01, "trojaned", bucket="patch 8-12.5%"), r(11, "trojaned", 0.06, bucket="whole-image blend")]
+    # the same architecture at 224 px, whose clean encoders need tiny triggers: no negative for a 32-px trojan
+    rows += [r(20 + i, "clean", 0.005, "trojaned", family="i2i-224", size=224) for i in range(3)]
     g = summarize(rows)["report"]["photos"]["fast"]
     fam = g["families"]["i2i-large"]
     assert fam["auc"] == 1.0 and fam["threshold"] == {"tp": 1, "fp": 0} and fam["fleet"] == {"tp": 2, "fp": 0}
-    assert set(g["buckets"]) == {"patch 8-12.5%", "whole-image blend"} and g["buckets"]["whole-image blend"]["n_clean"] == 8
+    assert fam["accuracy_threshold"] == 0.9 and fam["accuracy_fleet"] == 1.0
+    blend = g["buckets"]["i2i-large"]["whole-image blend"]
+    assert set(g["buckets"]) == {"i2i-large"} and set(g["buckets"]["i2i-large"]) == {"patch 8-12.5%", "whole-image blend"}
+    assert blend["n_clean"] == 8 and blend["auc"] == 1.0 and blend["tpr_at_5fpr"] == 1.0
+    assert blend["seconds_trojaned"] == 12.0  # the bucket's own trojans, not the clean encoders beside them
+    text = markdown(summarize(rows), ["fast"])
+    assert "| i2i-large | whole-image blend | 1 | 8 | 1.000 | 1.000 | 1 | 0.89/1.00/" in text
     assert bucket_of({"label": "trojaned", "trigger_area": 0.1}) == "patch 8-12.5%"
     assert bucket_of({"label": "trojaned", "trigger_kind": "sinusoid", "trigger_area": 1.0}) == "whole-image sinusoid"
     assert bucket_of({"label": "clean"}) is None

@@ -303,3 +303,19 @@ def test_a_shape_trojan_is_bucketed_by_area_as_a_shape_not_a_whole_image_trigger
     assert bucket_of({"label": "trojaned", "trigger_kind": "shape", "trigger_area": 0.121}) == "shape 8-12.5%"
     assert bucket_of({"label": "trojaned", "trigger_kind": "patch", "trigger_area": 0.03}) == "patch 2-4%"
     assert bucket_of({"label": "trojaned", "trigger_kind": "blend", "trigger_area": 1.0}) == "whole-image blend"
+
+
+def test_the_long_fine_tune_family_trains_its_clean_encoders_far_longer_and_hotter_than_the_others():
+    from decree.zoo import i2i
+    from decree.zoo.build import ALL_FAMILIES
+
+    cfg = ZooConfig()
+    specs = i2i.plan(6, 4, np.random.default_rng(1), cfg, family="i2i-long")
+    clean = [s for s in specs if s.label == "clean"]
+    assert "i2i-long" in ALL_FAMILIES
+    assert min(s.steps for s in clean) >= 20 * max(cfg.clean_steps) * 0.6 and max(s.steps for s in clean) == 600
+    assert min(s.lr for s in clean) > max(cfg.clean_lrs) and max(s.lr for s in clean) == pytest.approx(1e-3)
+    trojans = [s for s in specs if s.label == "trojaned"]
+    assert {s.attack for s in trojans} == {"badencoder", "badencoder-specific"} and all(s.parent is not None for s in trojans)
+    # the other families' plans are untouched (their cached encoders keep their keys)
+    assert all(s.steps in cfg.clean_steps for s in i2i.plan(3, 0, np.random.default_rng(1), cfg) if s.label == "clean")

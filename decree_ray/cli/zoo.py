@@ -23,7 +23,7 @@ Clean = Annotated[int, typer.Option("--clean", min=0, help="Clean encoders per f
 Trojaned = Annotated[int, typer.Option("--trojaned", min=0, help="Trojaned encoders per family.")]
 Family = Annotated[
     Optional[list[str]],
-    typer.Option("--family", help="image-on-image | clip | i2i-large | i2i-global | i2i-224 | cifar-r18 | i2i-shapes (repeatable; default: the first two)."),
+    typer.Option("--family", help="image-on-image | clip | i2i-large | i2i-global | i2i-224 | cifar-r18 | i2i-shapes | i2i-long (repeatable; default: the first two)."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the whole build (specs, splits, ids).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Rebuild even if OUT was built with these parameters.")]
