@@ -85,11 +85,13 @@ bench-shapes: install
 
 # bench/long/: the report-only `i2i-long` family (long, high-lr clean fine-tunes that drift far from their base, and
 # trojans on them), scanned as a user would (FOLDER.md) and per encoder with the true base and the consensus
-# (TRANSFER.md). The clean fine-tunes train 360-600 steps each: about 30 min to build on 2 cores
+# (TRANSFER.md), tune (seed 0) and report-only (seed 1). The clean fine-tunes train 360-600 steps each: about 25 min
+# to build each zoo on one core
 bench-long: install
+	$(BIN)/decree zoo build $(ZOOS)/zoo-long-tune --family i2i-long --clean 5 --trojaned 5 --seed 0
 	$(BIN)/decree zoo build $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --seed 1
-	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long --out bench/long
-	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-long --out bench/long
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-long --out bench/long
+	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-long --out bench/long
 
 # bench/folder/: what a user gets on the bench-quality zoos' 32-px families, tune (seed 0) and report-only (seed 1):
 # `decree scan` of each zoo's manifest with every default, both shadow conditions (decree_ray.bench_folder)

@@ -193,7 +193,16 @@ def _cut(row: dict, column: str) -> float | None:
         return _positive(row.get("threshold"))
     if column == "blend_pl1":
         return _positive(row.get("blend_threshold"))
-    return specific_cut(_positive(row.get("threshold")), _positive(row.get("base_pl1")))
+    return specific_cut(_positive(row.get("threshold")), _positive(row.get("base_pl1")), _distance(row))
+
+
+def _distance(row: dict) -> float | None:
+    """The row's weight distance to the base its specific score was taken against; absent: None (a row from before
+    the column, or no base), garbage: NaN, which specific_cut treats as far."""
+    v = row.get("base_distance")
+    if v is None:
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 def margin(row: dict, column: str) -> float | None:

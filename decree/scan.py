@@ -172,7 +172,7 @@ def scan_encoder(
     s, blend_score = found.score, found.blend_score
     specific_verdict = None
     if specific is not None:
-        specific_verdict = judge_specific(found.result.reached_tau, specific[1], s.threshold, own_pl1)
+        specific_verdict = judge_specific(found.result.reached_tau, specific[1], s.threshold, own_pl1, distance)
     return ScanResult(
         encoder_id=eid,
         arch=arch,

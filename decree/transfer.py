@@ -41,6 +41,13 @@ SPECIFIC_FRACTION = 0.5
 # ratio (bench/README.md); it adds the trojans whose specific score is small against the base but not against
 # one constant (Lite0 on photo crops: clean 0.10-0.34, such trojans 0.02-0.03)
 RELATIVE_FRACTION = 0.1
+# ...and only while the encoder is still near its base (`base_distance`, decree.consensus.weight_distance). A long,
+# hot fine-tune grows small natural triggers of its own that its base does not share, so its specific score falls
+# into the trojans' range (tune `i2i-long`: a clean 600-step fine-tune at lr 1e-3, 0.0114 from its lineage's
+# consensus, specific 0.0049 against trojans' 0.0009). Farther than this, the specific score only counts against
+# the encoder's fleet peers. 0.006 is 2x the farthest tune trojan (0.0030; CLIP towers 0.0028, short Lite0
+# fine-tunes 0.0004) and about half that clean fine-tune's distance (bench/README.md)
+DRIFT_LIMIT = 0.006
 
 
 @dataclass(frozen=True)
@@ -59,16 +66,22 @@ class Transfer:
         return pl1 / self.ratio
 
 
-def specific_cut(threshold: float | None, base_pl1: float | None = None) -> float | None:
+def specific_cut(threshold: float | None, base_pl1: float | None = None, distance: float | None = None) -> float | None:
     """The specific score's cut: SPECIFIC_FRACTION of the threshold or RELATIVE_FRACTION of the base's own smallest
-    trigger (`base_pl1`: None when unknown or the base never reached τ), whichever is larger; None without either."""
+    trigger (`base_pl1`: None when unknown or the base never reached τ), whichever is larger; None without either,
+    or when the encoder's weight distance to the base (`distance`) is over DRIFT_LIMIT."""
+    if distance is not None and not distance <= DRIFT_LIMIT:  # NaN counts as far
+        return None
     cuts = [f * v for f, v in ((SPECIFIC_FRACTION, threshold), (RELATIVE_FRACTION, base_pl1)) if v is not None]
     return max(cuts) if cuts else None
 
 
-def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float, base_pl1: float | None = None) -> str:
-    """Flagged when the search reached τ and the specific area is under its cut (`specific_cut`)."""
-    return "trojaned" if reached_tau and specific_pl1 < specific_cut(threshold, base_pl1) else "clean"
+def specific_verdict(reached_tau: bool, specific_pl1: float, threshold: float, base_pl1: float | None = None,
+                     distance: float | None = None) -> str:
+    """Flagged when the search reached τ and the specific area is under its cut (`specific_cut`); never for an
+    encoder that drifted farther than DRIFT_LIMIT from its base."""
+    cut = specific_cut(threshold, base_pl1, distance)
+    return "trojaned" if reached_tau and cut is not None and specific_pl1 < cut else "clean"
 
 
 def collapsing_bases(rows) -> list[dict]:

@@ -85,7 +85,7 @@ def _compare(row: dict, prefix: str, enc, bases, pixels, digest, result, thresho
     row[f"{prefix}group"] = chosen.name
     row[f"{prefix}specific_pl1"] = spec
     row[f"{prefix}base_pl1"] = own
-    row[f"{prefix}specific_verdict"] = specific_verdict(result.reached_tau, spec, threshold, own)
+    row[f"{prefix}specific_verdict"] = specific_verdict(result.reached_tau, spec, threshold, own, distance)
     if prefix == "consensus_":
         row["consensus_similarity"] = t.base_similarity
 

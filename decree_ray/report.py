@@ -89,7 +89,7 @@ def _at_threshold(row: dict[str, Any], t: float) -> dict[str, Any]:
     out = dict(row, threshold=t, patch_verdict=POSITIVE if _predict(row, t) else NEGATIVE)
     if isinstance(row.get("specific_pl1"), (int, float)):
         out["specific_verdict"] = specific_verdict(bool(row.get("reached_tau", True)), row["specific_pl1"], t,
-                                                   row.get("base_pl1"))
+                                                   row.get("base_pl1"), row.get("base_distance"))
     return out
 
 

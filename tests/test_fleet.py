@@ -250,7 +250,9 @@ def _scanned_row(rng, i, lineage):
                  blend_verdict="trojaned" if blend_reached and blend < 0.05 else "clean")
     if rng.random() < 0.6:
         specific, base = pl1 / rng.uniform(1, 20), rng.choice([None, rng.uniform(0.05, 0.3)])
-        r.update(specific_pl1=specific, base_pl1=base, specific_verdict=specific_verdict(reached, specific, 0.03, base))
+        distance = rng.choice([None, rng.uniform(0.0, 0.004), rng.uniform(0.004, 0.02)])  # near and drifted
+        r.update(specific_pl1=specific, base_pl1=base, base_distance=distance,
+                 specific_verdict=specific_verdict(reached, specific, 0.03, base, distance))
     return r
 
 
@@ -273,3 +275,23 @@ def test_encoders_more_robust_than_their_peers_keep_their_order_in_the_suspicion
         out = {r["id"]: r for r in assign(rows, refs)}
         assert out["e9"]["suspicion"] > out["e50"]["suspicion"] > out["e51"]["suspicion"]
     assert out["e51"]["suspicion"] < 0
+
+
+def test_a_fine_tune_that_drifted_far_from_its_base_is_not_flagged_by_its_specific_score_alone():
+    from decree.transfer import DRIFT_LIMIT, specific_verdict
+
+    # a long, hot clean fine-tune: a trigger the base ignores, and a weight distance no tune trojan reached
+    def drifted(distance):
+        return dict(row(0, 0.041, label="clean"), specific_pl1=0.0049, base_pl1=0.2, base_distance=distance,
+                    specific_verdict=specific_verdict(True, 0.0049, 0.03, 0.2, distance))  # as the scan writes it
+    far = assign([drifted(2 * DRIFT_LIMIT)])[0]
+    assert far["verdict"] == "clean" and far["suspicion"] < 1
+    near = assign([drifted(DRIFT_LIMIT / 2)])[0]  # the same scores near its base: flagged, as before
+    assert near["verdict"] == "trojaned" and near["suspicion"] == pytest.approx(0.02 / 0.0049)
+    garbage = assign([drifted(float("nan"))])[0]  # an unreadable distance counts as far, never as near
+    assert garbage["verdict"] == "clean"
+    # in a fleet the specific score still counts against its peers: a drifted trojan stands out among them
+    peers = [dict(row(i, 0.2, label="clean"), specific_pl1=0.05 + 0.002 * i, base_pl1=0.2, base_distance=0.01)
+             for i in range(8)]
+    troj = dict(row(50, 0.2, label="trojaned"), specific_pl1=0.001, base_pl1=0.2, base_distance=0.01)
+    assert {r["id"]: r for r in assign(peers + [troj])}["e50"]["verdict"] == "trojaned"

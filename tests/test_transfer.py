@@ -19,6 +19,16 @@ def test_a_specific_area_small_against_the_bases_own_trigger_is_flagged_though_a
     assert specific_verdict(False, 0.001, 0.03, base_pl1=0.3) == "clean"  # never reached tau: no trigger found
 
 
+def test_the_specific_verdict_holds_only_while_the_encoder_is_near_its_base():
+    from decree.transfer import DRIFT_LIMIT, specific_cut, specific_verdict
+
+    assert specific_verdict(True, 0.001, 0.03, 0.3, distance=DRIFT_LIMIT) == "trojaned"
+    assert specific_verdict(True, 0.001, 0.03, 0.3, distance=None) == "trojaned"  # no distance known: as before
+    assert specific_verdict(True, 0.001, 0.03, 0.3, distance=DRIFT_LIMIT * 1.01) == "clean"
+    assert specific_verdict(True, 0.001, 0.03, 0.3, distance=math.nan) == "clean"
+    assert specific_cut(0.03, 0.3, 0.5) is None and specific_cut(0.03, 0.3, 0.0) == pytest.approx(0.03)
+
+
 def test_a_trigger_that_collapses_the_base_as_well_keeps_its_area():
     t = Transfer(base_similarity=0.96, own_similarity=0.95, tau=0.95)
     assert t.ratio == 1.0 and t.specific_pl1(0.2) == 0.2
