@@ -83,7 +83,7 @@ bench-shapes: install
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-shapes --out bench/shapes
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-shapes --out bench/shapes
 
-# bench/long/: the report-only `i2i-long` family (long, high-lr clean fine-tunes that drift far from their base, and
+# bench/long/: the `i2i-long` family (long, high-lr clean fine-tunes that drift far from their base, and
 # trojans on them), scanned as a user would (FOLDER.md) and per encoder with the true base and the consensus
 # (TRANSFER.md), tune (seed 0) and report-only (seed 1). The clean fine-tunes train 360-600 steps each: about 25 min
 # to build each zoo on one core
