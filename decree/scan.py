@@ -223,8 +223,9 @@ def base_pl1(base: Encoder, preprocess, pixels: torch.Tensor, shadow_digest: str
 
 def _which_base(encoder: Encoder, base) -> tuple[Encoder | None, float | None, int | None, str | None]:
     """(the base to stamp the trigger for, the encoder's weight distance to it, consensus members, its lineage).
-    A named base is the auditor's word and is used at any distance; of consensus bases, only the one the encoder
-    is a fine-tune of (decree.consensus.nearest)."""
+    A named base is the auditor's word and is used at any distance (its per-encoder verdict only within
+    decree.transfer.DRIFT_LIMIT); of consensus bases, only the one the encoder is a fine-tune of
+    (decree.consensus.nearest)."""
     if base is None:
         return None, None, None, None
     if isinstance(base, Encoder):

@@ -5,8 +5,8 @@ only in the triggers their trojans carry (`TRIGGERS`): small patches (the origin
 of the image (BadEncoder's own 10x10 white square among them), whole-image triggers, other shapes than squares
 (`i2i-shapes`: strips, lines, a plus, a border frame, a logo, bits, coloured solids), and `i2i-224`, the same
 network at its native 224 px (Fashion-MNIST upsampled for training; 16-48 px patches). `i2i-long` changes the
-clean recipe instead: long fine-tunes at a high learning rate (300-600 steps at 5e-4-1e-3, 20-40x the original
-family's), which drift far from the ImageNet weights and grow natural triggers of their own.
+clean recipe instead: long fine-tunes at a high learning rate (360-600 steps at 2.5e-4-1e-3: 24x the steps and 5x
+the lr of the others), which drift far from the ImageNet weights and grow natural triggers of their own.
 """
 
 from __future__ import annotations
