@@ -193,10 +193,10 @@ def _cut(row: dict, column: str) -> float | None:
         return _positive(row.get("threshold"))
     if column == "blend_pl1":
         return _positive(row.get("blend_threshold"))
-    return specific_cut(_positive(row.get("threshold")), _positive(row.get("base_pl1")), _distance(row))
+    return specific_cut(_positive(row.get("threshold")), _positive(row.get("base_pl1")), base_distance(row))
 
 
-def _distance(row: dict) -> float | None:
+def base_distance(row: dict) -> float | None:
     """The row's weight distance to the base its specific score was taken against; absent: None (a row from before
     the column, or no base), garbage: NaN, which specific_cut treats as far."""
     v = row.get("base_distance")

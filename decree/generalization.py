@@ -158,10 +158,6 @@ def _accuracies(g: dict) -> str:
     return "/".join(_f(g.get(k), 2) for k in ("accuracy_threshold", "accuracy_fleet", "accuracy_folder"))
 
 
-def _bucket_seconds(g: dict) -> float | None:
-    return g.get("seconds_trojaned", g.get("seconds_mean"))
-
-
 def _mean(values) -> float | None:
     values = list(values)
     return float(sum(values) / len(values)) if values else None
@@ -222,7 +218,7 @@ def markdown(summary: dict, profiles: list[str], cutoff: float = DEFAULT_CUTOFF)
                     for p in profiles:
                         g = per.get(p, {}).get("buckets", {}).get(fam, {}).get(name)
                         row += ([_f(g["auc"]), _f(g["tpr_at_5fpr"]), str(g["fleet"]["tp"]), _accuracies(g),
-                                 _f(_bucket_seconds(g), 2)] if g else ["-"] * 5)
+                                 _f(g["seconds_trojaned"], 2)] if g else ["-"] * 5)
                     brows.append(row)
             if brows:
                 md += ["Per family, by trigger kind and size (the bucket's trojans against the family's clean encoders; "

@@ -84,12 +84,13 @@ def _predict(row: dict[str, Any], threshold: float) -> bool:
 def _at_threshold(row: dict[str, Any], t: float) -> dict[str, Any]:
     """The row's threshold verdicts at another patch threshold: the patch search's, and the specific score's, whose
     cut is a fraction of it (decree.transfer)."""
+    from decree.fleet import base_distance
     from decree.transfer import specific_verdict
 
     out = dict(row, threshold=t, patch_verdict=POSITIVE if _predict(row, t) else NEGATIVE)
     if isinstance(row.get("specific_pl1"), (int, float)):
         out["specific_verdict"] = specific_verdict(bool(row.get("reached_tau", True)), row["specific_pl1"], t,
-                                                   row.get("base_pl1"), row.get("base_distance"))
+                                                   row.get("base_pl1"), base_distance(row))
     return out
 
 

@@ -69,9 +69,10 @@ def test_another_threshold_rejudges_the_specific_verdict_whose_cut_is_half_of_it
     assert rep.flagged == 1 and rep.confusion["tp"] == 1  # 0.02 < 0.06 / 2
     assert rep.suspicious[0]["suspicion"] == pytest.approx(0.03 / 0.02)
     # an encoder that drifted far from its base keeps no specific verdict at any threshold (decree.transfer)
-    far = dict(row, base_distance=0.05)
-    rep = analyze([far, _row(1, 0.3, "clean", threshold=0.03)], threshold=0.06)
-    assert rep.flagged == 0 and rep.confusion["fn"] == 1
+    for distance in (0.05, "0.001"):  # a distance that is no number counts as far, as in decree.fleet
+        far = dict(row, base_distance=distance)
+        rep = analyze([far, _row(1, 0.3, "clean", threshold=0.03)], threshold=0.06)
+        assert rep.flagged == 0 and rep.confusion["fn"] == 1
 
 
 def test_without_labels_ranks_by_suspicion_and_reports_the_distribution(tmp_path):

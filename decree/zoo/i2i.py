@@ -78,11 +78,11 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
     # (short to long fine-tunes; at 224 px the short ones only, for build time) and alternate plain BadEncoder
     # with its trigger-specific variant.
     varied = family != FAMILY
-    long_ok = varied and family not in SIZES
-    clean_steps = (cfg.clean_steps + tuple(6 * s for s in cfg.clean_steps)) if long_ok else cfg.clean_steps
-    clean_lrs = cfg.clean_lrs
+    clean_steps, clean_lrs = cfg.clean_steps, cfg.clean_lrs
     if family == "i2i-long":
         clean_steps, clean_lrs = tuple(LONG_STEPS * s for s in cfg.clean_steps), tuple(LONG_LRS * v for v in cfg.clean_lrs)
+    elif varied and family not in SIZES:
+        clean_steps = cfg.clean_steps + tuple(6 * s for s in cfg.clean_steps)
     specs = []
     for i in range(n_clean):
         specs.append(EncoderSpec(family, "clean", i, seed=int(rng.integers(1 << 30)),
