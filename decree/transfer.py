@@ -48,6 +48,12 @@ RELATIVE_FRACTION = 0.1
 # the encoder's fleet peers. 0.006 is 2x the farthest tune trojan (0.0030; CLIP towers 0.0028, short Lite0
 # fine-tunes 0.0004) and about half that clean fine-tune's distance (bench/README.md)
 DRIFT_LIMIT = 0.006
+# The relative cut holds only nearer still: a natural trigger keeps about the base's area while the encoder is a
+# gentle fine-tune of it. Tune split: every trojan that only the relative cut flags sits within 0.0005 of its base
+# (short fine-tunes on photo crops), while long fine-tunes 0.0024-0.0037 from it grew natural triggers of 0.05-0.11
+# of its area (tune `i2i-long`; one at 0.0009 from the publisher's weights, 0.07: naming those for long
+# fine-tunes stays a misuse). Farther than this, half the threshold alone judges the specific score per encoder
+RELATIVE_DRIFT_LIMIT = 0.001
 
 
 @dataclass(frozen=True)
@@ -68,10 +74,13 @@ class Transfer:
 
 def specific_cut(threshold: float | None, base_pl1: float | None = None, distance: float | None = None) -> float | None:
     """The specific score's cut: SPECIFIC_FRACTION of the threshold or RELATIVE_FRACTION of the base's own smallest
-    trigger (`base_pl1`: None when unknown or the base never reached τ), whichever is larger; None without either,
-    or when the encoder's weight distance to the base (`distance`) is over DRIFT_LIMIT."""
+    trigger (`base_pl1`: None when unknown or the base never reached τ; the latter only within RELATIVE_DRIFT_LIMIT
+    of the base), whichever is larger; None without either, or when the encoder's weight distance to the base
+    (`distance`) is over DRIFT_LIMIT."""
     if distance is not None and not distance <= DRIFT_LIMIT:  # NaN counts as far
         return None
+    if distance is not None and not distance <= RELATIVE_DRIFT_LIMIT:
+        base_pl1 = None
     cuts = [f * v for f, v in ((SPECIFIC_FRACTION, threshold), (RELATIVE_FRACTION, base_pl1)) if v is not None]
     return max(cuts) if cuts else None
 

@@ -25,7 +25,7 @@ from decree.zoo import read_manifest
 
 SHADOWS = ("shadow.npz", "shadow-photos.npz")
 SCAN_FIELDS = ("status", "pl1_norm", "specific_pl1", "base_pl1", "base_members", "anomaly_index", "verdict_basis",
-               "suspicion", "verdict", "seconds")  # from the results table
+               "suspicion", "verdict", "seconds", "base_distance")  # from the results table
 FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", *SCAN_FIELDS)
 
 
@@ -64,7 +64,7 @@ def markdown(rows: list[dict], walls: dict) -> str:
            "embedded Ray, `fast`, the default consensus base, fleet verdict and thresholds; the manifest gives each "
            "encoder's input size and preprocessing only. TP/FP/FN/TN of the `verdict` column; *basis*: how many "
            "rows the fleet decided (else the threshold); *effective*: specific_pl1 where the scan compared the "
-           "encoder with a base, else PL1; *suspicion*: the table's own score, every rule of the verdict in one "
+           "encoder with a base, else PL1; *distance*: the encoder's weight distance to that base; *suspicion*: the table's own score, every rule of the verdict in one "
            "number (`decree report` ranks by it).", "",
            "| split | condition | family | clean | trojaned | TP | FP | FN | TN | basis fleet | AUC −PL1 | "
            "AUC −effective | AUC suspicion | s/enc (the zoo's job wall / its encoders) |", "|" + "---|" * 14]
@@ -82,11 +82,11 @@ def markdown(rows: list[dict], walls: dict) -> str:
         if len(ok) < len(sel):
             out.append(f"| | | {len(sel) - len(ok)} rows not ok | | | | | | | | | | | |")
     out += ["", "## Every encoder", "", "| condition | family | id | label | trigger | PL1 | specific | base PL1 | "
-            "anomaly | suspicion | basis | verdict |", "|" + "---|" * 12]
+            "distance | anomaly | suspicion | basis | verdict |", "|" + "---|" * 13]
     for r in sorted(rows, key=lambda r: (r["condition"], r["family"], r["label"], _effective(r) or 9)):
         out.append(f"| {r['condition']} | {r['family']} | {r['id']} | {r['label']} | {r['trigger']} | "
                    f"{_fmt(r['pl1_norm'], 4)} | {_fmt(r['specific_pl1'], 4)} | {_fmt(r['base_pl1'], 4)} | "
-                   f"{_fmt(r['anomaly_index'], 2)} | {_fmt(r['suspicion'], 2)} | {r['verdict_basis'] or '-'} | "
+                   f"{_fmt(r.get('base_distance'), 4)} | {_fmt(r['anomaly_index'], 2)} | {_fmt(r['suspicion'], 2)} | {r['verdict_basis'] or '-'} | "
                    f"{r['verdict']} |")
     return "\n".join(out) + "\n"
 

@@ -72,7 +72,7 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("specific_pl1", pa.float64(), True,
      "With --base: pl1_norm divided by how many times farther from a full collapse the base stays than the encoder "
      "(at least 1): a natural trigger, which the base shares, keeps its area; a backdoor's shrinks."),
-    ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold or < 0.1 × base_pl1, base_distance ≤ 0.006."),
+    ("specific_verdict", pa.string(), True, "With --base: reached_tau and specific_pl1 < half the threshold or (base_distance ≤ 0.001) < 0.1 × base_pl1, base_distance ≤ 0.006."),
     ("base_pl1", pa.float64(), True,
      "With --base: the base's own PL1 on this shadow set (its smallest natural trigger, searched as this encoder's was); "
      "null without a base or when the base never reached tau."),

@@ -363,3 +363,5 @@ def test_the_folder_benchmark_counts_the_verdict_column_against_the_manifest_lab
     assert cells[12] == "0.833"  # the suspicion ranks clean e3 (flagged) above trojan e1, nothing else amiss
     assert cells[13] == "2.00"  # 14 s of the zoo's job wall time over its 7 listed encoders, every family
     assert "1 rows not ok" in md and md.count("| photos | i2i-shapes | e") == 6
+    rows[0]["base_distance"] = 0.0031  # the weight distance to the base it was compared with, per encoder
+    assert "| 0.0100 | 0.0010 | - | 0.0031 | - | 30.00 | fleet | trojaned |" in markdown(rows, {("zoo-x", "photos"): 14.0})

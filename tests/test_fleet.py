@@ -250,7 +250,8 @@ def _scanned_row(rng, i, lineage):
                  blend_verdict="trojaned" if blend_reached and blend < 0.05 else "clean")
     if rng.random() < 0.6:
         specific, base = pl1 / rng.uniform(1, 20), rng.choice([None, rng.uniform(0.05, 0.3)])
-        distance = rng.choice([None, rng.uniform(0.0, 0.004), rng.uniform(0.004, 0.02)])  # near and drifted
+        # gentle, near and drifted fine-tunes: both cuts, half the threshold alone, none (decree.transfer)
+        distance = rng.choice([None, rng.uniform(0.0, 0.001), rng.uniform(0.001, 0.006), rng.uniform(0.006, 0.02)])
         r.update(specific_pl1=specific, base_pl1=base, base_distance=distance,
                  specific_verdict=specific_verdict(reached, specific, 0.03, base, distance))
     return r
@@ -278,7 +279,7 @@ def test_encoders_more_robust_than_their_peers_keep_their_order_in_the_suspicion
 
 
 def test_a_fine_tune_that_drifted_far_from_its_base_is_not_flagged_by_its_specific_score_alone():
-    from decree.transfer import DRIFT_LIMIT, specific_verdict
+    from decree.transfer import DRIFT_LIMIT, RELATIVE_DRIFT_LIMIT, specific_verdict
 
     # a long, hot clean fine-tune: a trigger the base ignores, and a weight distance no tune trojan reached
     def drifted(distance):
@@ -286,8 +287,10 @@ def test_a_fine_tune_that_drifted_far_from_its_base_is_not_flagged_by_its_specif
                     specific_verdict=specific_verdict(True, 0.0049, 0.03, 0.2, distance))  # as the scan writes it
     far = assign([drifted(2 * DRIFT_LIMIT)])[0]
     assert far["verdict"] == "clean" and far["suspicion"] < 1
-    near = assign([drifted(DRIFT_LIMIT / 2)])[0]  # the same scores near its base: flagged, as before
-    assert near["verdict"] == "trojaned" and near["suspicion"] == pytest.approx(0.02 / 0.0049)
+    near = assign([drifted(DRIFT_LIMIT / 2)])[0]  # the same scores near its base: flagged, against half the threshold
+    assert near["verdict"] == "trojaned" and near["suspicion"] == pytest.approx(0.015 / 0.0049)
+    gentle = assign([drifted(RELATIVE_DRIFT_LIMIT / 2)])[0]  # nearer still: against a tenth of the base's trigger
+    assert gentle["verdict"] == "trojaned" and gentle["suspicion"] == pytest.approx(0.02 / 0.0049)
     garbage = assign([drifted(float("nan"))])[0]  # an unreadable distance counts as far, never as near
     assert garbage["verdict"] == "clean"
     # in a fleet the specific score still counts against its peers: a drifted trojan stands out among them

@@ -29,6 +29,19 @@ def test_the_specific_verdict_holds_only_while_the_encoder_is_near_its_base():
     assert specific_cut(0.03, 0.3, 0.5) is None and specific_cut(0.03, 0.3, 0.0) == pytest.approx(0.03)
 
 
+def test_the_cut_relative_to_the_bases_own_trigger_holds_only_for_gentle_fine_tunes():
+    from decree.transfer import DRIFT_LIMIT, RELATIVE_DRIFT_LIMIT, specific_cut, specific_verdict
+
+    assert RELATIVE_DRIFT_LIMIT < DRIFT_LIMIT
+    assert specific_verdict(True, 0.02, 0.03, 0.3, distance=RELATIVE_DRIFT_LIMIT) == "trojaned"  # 0.02 < 0.1 x 0.3
+    assert specific_verdict(True, 0.02, 0.03, 0.3, distance=None) == "trojaned"  # no distance known: as before
+    # drifted farther: its own natural triggers are no longer the base's, so only half the threshold judges it
+    assert specific_verdict(True, 0.02, 0.03, 0.3, distance=RELATIVE_DRIFT_LIMIT * 1.5) == "clean"
+    assert specific_verdict(True, 0.01, 0.03, 0.3, distance=RELATIVE_DRIFT_LIMIT * 1.5) == "trojaned"
+    assert specific_cut(0.03, 0.3, RELATIVE_DRIFT_LIMIT * 1.5) == pytest.approx(0.015)
+    assert specific_cut(None, 0.3, RELATIVE_DRIFT_LIMIT * 1.5) is None
+
+
 def test_a_trigger_that_collapses_the_base_as_well_keeps_its_area():
     t = Transfer(base_similarity=0.96, own_similarity=0.95, tau=0.95)
     assert t.ratio == 1.0 and t.specific_pl1(0.2) == 0.2
@@ -142,3 +155,28 @@ def test_a_base_whose_own_trigger_is_under_the_threshold_is_named_once_per_linea
     assert [b["encoders"] for b in found] == [2, 1]  # shadow sets s1 and s2 of lineage g1, each once
     assert {b["base_group"] for b in found} == {"g1"} and all(b["base_pl1"] == 0.0147 for b in found)
     assert collapsing_bases([row(0.19), row(None)]) == []  # a base that needs a large trigger, or never reached τ
+
+
+def test_the_transfer_benchmark_rejudges_its_table_at_the_distance_each_base_was_compared_at(tmp_path):
+    from decree.transfer_bench import FIELDS, rejudge, write
+
+    def row(i, label, specific, distance, consensus_distance):
+        return dict({k: None for k in FIELDS}, zoo="zoo-x", split="tune", family="f", id=f"e{i}", label=label,
+                    arch="a", condition="photos", pl1_norm=0.2, reached_tau=True, patch_verdict="clean",
+                    threshold=0.03, seconds=1.0, transfer_seconds=0.1, specific_pl1=specific, base_pl1=0.3,
+                    base_distance=distance, specific_verdict="clean", consensus_specific_pl1=specific,
+                    consensus_base_pl1=0.3, consensus_distance=consensus_distance, consensus_members="zoo-x:e3",
+                    consensus_group="g", consensus_specific_verdict="clean")
+
+    # 0.02: under a tenth of the base's 0.3, over half the threshold: flagged only by the relative cut
+    rows = [row(0, "trojaned", 0.02, 0.0005, 0.0003), row(1, "trojaned", 0.02, 0.003, 0.0003),
+            row(2, "trojaned", 0.02, None, 0.003), row(3, "clean", 0.2, 0.0002, 0.0)]
+    write(rows, tmp_path)
+    out = {r["id"]: r for r in rejudge(tmp_path)}
+    # e2: no distance recorded (a table from before the column): the verdict its scan wrote stands
+    assert [out[f"e{i}"]["specific_verdict"] for i in range(4)] == ["trojaned", "clean", "clean", "clean"]
+    assert [out[f"e{i}"]["consensus_specific_verdict"] for i in range(4)] == ["trojaned", "trojaned", "clean", "clean"]
+    assert out["e0"]["mixed_specific_verdict"] is None and out["e0"]["reached_tau"] is True  # never compared
+    text = (tmp_path / "TRANSFER.md").read_text()
+    assert "--zoo zoo-x" in text and "| 0.0030 / 0.0002 |" in text  # the zoos, the farthest trojan / nearest clean
+    assert rejudge(tmp_path) == list(out.values())  # what it writes reads back the same
