@@ -319,3 +319,18 @@ def test_the_long_fine_tune_family_trains_its_clean_encoders_far_longer_and_hott
     assert {s.attack for s in trojans} == {"badencoder", "badencoder-specific"} and all(s.parent is not None for s in trojans)
     # the other families' plans are untouched (their cached encoders keep their keys)
     assert all(s.steps in cfg.clean_steps for s in i2i.plan(3, 0, np.random.default_rng(1), cfg) if s.label == "clean")
+
+
+def test_the_heavy_attack_family_plants_its_trojans_far_longer_and_hotter_than_the_others():
+    from decree.zoo import i2i
+    from decree.zoo.build import ALL_FAMILIES
+
+    cfg = ZooConfig()
+    specs = i2i.plan(5, 6, np.random.default_rng(0), cfg, family="i2i-heavy")
+    trojans = [s for s in specs if s.label == "trojaned"]
+    assert "i2i-heavy" in ALL_FAMILIES and len(trojans) == 6
+    assert min(s.steps for s in trojans) >= 4 * max(cfg.attack_steps) and max(s.lr for s in trojans) == pytest.approx(1e-3)
+    assert min(s.lr for s in trojans) > max(cfg.attack_lrs) and all(s.parent is not None for s in trojans)
+    # its clean fine-tunes are the other families' (the same recipe as i2i-large, draw for draw)
+    large = i2i.plan(5, 6, np.random.default_rng(0), cfg, family="i2i-large")
+    assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]

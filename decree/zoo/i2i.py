@@ -7,6 +7,8 @@ of the image (BadEncoder's own 10x10 white square among them), whole-image trigg
 network at its native 224 px (Fashion-MNIST upsampled for training; 16-48 px patches). `i2i-long` changes the
 clean recipe instead: long fine-tunes at a high learning rate (360-600 steps at 2.5e-4-1e-3: 24x the steps and 5x
 the lr of the others), which drift far from the ImageNet weights and grow natural triggers of their own.
+`i2i-heavy` changes the attack recipe: BadEncoder for 6x the steps at 2.5x the lr (240-300 steps at 7.5e-4-1e-3),
+trojans as far from their parent as a long fine-tune is.
 """
 
 from __future__ import annotations
@@ -48,11 +50,16 @@ TRIGGERS = {
     "i2i-shapes": partial(sample_shape_trigger, image_size=IMAGE_SIZE),
     # 3x3 .. 8x8 patches (0.9% .. 6.3%) on long, high-lr fine-tunes
     "i2i-long": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8)),
+    # 3x3 .. 10x10 patches (0.9% .. 9.8%, BadEncoder's 10x10 among them) planted by heavy attacks
+    "i2i-heavy": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
 }
 # `i2i-long`'s clean recipe, as multiples of the config's: a downstream fine-tune as fleets hold them, long and at a
 # high learning rate (360-600 steps at 2.5e-4-1e-3 by default; a probe of 600 steps at 1e-3 left clean fidelity 0.04
 # to the ImageNet weights and a natural trigger of 3.4-5.6% of the image)
 LONG_STEPS, LONG_LRS = 24, 5
+# `i2i-heavy`'s attack recipe, as multiples of the config's: BadEncoder run as its paper runs it, long and hot
+# (240-300 steps at 7.5e-4-1e-3 by default), so the trojan drifts from its parent as far as a long fine-tune does
+HEAVY_STEPS, HEAVY_LRS = 6, 2.5
 SIZES = {"i2i-224": 224}  # input size per family (default IMAGE_SIZE)
 BATCH_224 = 16  # a 224-px step costs ~50x a 32-px one on CPU: half the batch keeps a build in minutes
 
@@ -83,6 +90,10 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
         clean_steps, clean_lrs = tuple(LONG_STEPS * s for s in cfg.clean_steps), tuple(LONG_LRS * v for v in cfg.clean_lrs)
     elif varied and family not in SIZES:
         clean_steps = cfg.clean_steps + tuple(6 * s for s in cfg.clean_steps)
+    attack_steps, attack_lrs = cfg.attack_steps, cfg.attack_lrs
+    if family == "i2i-heavy":
+        attack_steps = tuple(HEAVY_STEPS * s for s in attack_steps)
+        attack_lrs = tuple(round(HEAVY_LRS * v, 10) for v in attack_lrs)
     specs = []
     for i in range(n_clean):
         specs.append(EncoderSpec(family, "clean", i, seed=int(rng.integers(1 << 30)),
@@ -90,8 +101,8 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
     for j in range(n_trojaned):
         trig = sampler(rng)
         specs.append(EncoderSpec(
-            family, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.attack_lrs)),
-            steps=int(rng.choice(cfg.attack_steps)), parent=(j % n_clean) if n_clean else None,
+            family, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(attack_lrs)),
+            steps=int(rng.choice(attack_steps)), parent=(j % n_clean) if n_clean else None,
             trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),
             utility_weight=float(rng.choice(cfg.utility_weights)),
             attack=ATTACKS[j % 2] if varied else "badencoder"))
