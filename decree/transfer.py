@@ -45,8 +45,9 @@ RELATIVE_FRACTION = 0.1
 # hot fine-tune grows small natural triggers of its own that its base does not share, so its specific score falls
 # into the trojans' range (tune `i2i-long`: a clean 600-step fine-tune at lr 1e-3, 0.0114 from its lineage's
 # consensus, specific 0.0049 against trojans' 0.0009). Farther than this, the specific score only counts against
-# the encoder's fleet peers. 0.006 is 2x the farthest tune trojan (0.0030; CLIP towers 0.0028, short Lite0
-# fine-tunes 0.0004) and about half that clean fine-tune's distance (bench/README.md)
+# the encoder's fleet peers. 0.006 is 2x the farthest light tune trojan (0.0030; CLIP towers 0.0028, short Lite0
+# fine-tunes 0.0004) and about half that clean fine-tune's distance. Heavy BadEncoder attacks drift farther
+# (`i2i-heavy`: up to 0.0063) but leave triggers the threshold flags by itself (PL1 0.013-0.015; bench/README.md)
 DRIFT_LIMIT = 0.006
 # The relative cut holds only nearer still: a natural trigger keeps about the base's area while the encoder is a
 # gentle fine-tune of it. Tune split: every trojan that only the relative cut flags sits within 0.0005 of its base
