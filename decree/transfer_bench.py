@@ -264,6 +264,8 @@ def main(argv=None) -> None:
     p.add_argument("--rejudge", action="store_true", help="re-derive the verdicts of OUT/transfer.csv; no scan")
     a = p.parse_args(argv)
     if a.rejudge:
+        if not (a.out / "transfer.csv").is_file():
+            p.error(f"--rejudge: no {a.out / 'transfer.csv'} (run the benchmark first)")
         rejudge(a.out)
     elif not a.zoo:
         p.error("--zoo is required (or --rejudge)")
