@@ -223,9 +223,11 @@ class _Job:
         self.counts.listing_done = True
 
     def _next(self) -> _Work | None:
+        return self.state.pending.popleft() if self.state.pending else self._pull()
+
+    def _pull(self) -> _Work | None:
+        """The listing's next encoder that needs a worker; the ones it can settle alone become rows here."""
         while True:
-            if self.state.pending:
-                return self.state.pending.popleft()
             task = next(self._tasks, None)
             if task is None:
                 return None
@@ -294,8 +296,6 @@ class _Job:
         self._tasks = self._source()
         self._pick_consensus()
         self._open_resume()  # after the pick: the members are part of the settings
-        self.slots = [self._new_slot() for _ in range(self._options.count)]
-        self.summary.workers = len(self.slots)
         self.reporter.start()
         flushed = False
         try:
@@ -309,6 +309,7 @@ class _Job:
                 self._stop_actors(ray)
                 if flushed:
                     results_mod.compact(self.cfg.out, self.cfg.s3, finalize=self._fleet)
+        self.summary.workers = len(self.slots)
         self.summary.skipped_keys = self.stats.skipped_keys
         self.summary.skipped_examples = list(self.stats.skipped_examples)
         self.summary.seconds = time.monotonic() - t0
@@ -334,6 +335,19 @@ class _Job:
         for slot in self.slots:
             ray.kill(slot.actor, no_restart=True)
 
+    def _grow(self) -> None:
+        """Start an actor only for work no started actor will take: a rerun whose every entry is unchanged starts
+        none (and asks a cluster for no GPU node), a listing of n encoders at most n."""
+        starting = sum(not s.ready for s in self.slots)
+        while len(self.slots) < self._options.count:
+            if len(self.state.pending) > starting:
+                self.slots.append(self._new_slot())
+                starting += 1
+            elif (work := self._pull()) is not None:
+                self.state.pending.append(work)
+            else:
+                return
+
     def _loop(self, ray) -> None:
         idle_since = time.monotonic()
         depth = 1 + self.cfg.prefetch
@@ -344,6 +358,7 @@ class _Job:
                     if work is None:
                         break
                     self._submit(slot, work, "fetch", slot.actor.fetch.remote(work.task))
+            self._grow()
             busy = [s for s in self.slots if s.calls]
             self.counts.running = len(busy)  # actors at work (each may hold a prefetched encoder too)
             self.counts.workers_ready = sum(s.ready for s in self.slots)
@@ -356,7 +371,7 @@ class _Job:
                     self.state.pending.extend(_Work(task) for task, _ in waiters)
                 self.state.waiting.clear()
                 continue
-            if busy or any(s.ready for s in self.slots):
+            if busy or not self.slots or any(s.ready for s in self.slots):  # runs while every actor is starting
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > self.cfg.startup_timeout:
                 import ray as _ray
@@ -366,7 +381,7 @@ class _Job:
                     f"{self._options.asked}, the cluster offers {offer(_ray.cluster_resources())}")
             by_ref = {c.ref: (s, c) for s in busy for c in s.calls}
             by_ref.update({s.ready_ref: (s, None) for s in self.slots if not s.ready})
-            done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
+            done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5) if by_ref else ([], None)
             for ref in done:
                 slot, call = by_ref[ref]
                 if call is None:

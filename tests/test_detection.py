@@ -3,20 +3,20 @@
 from dataclasses import replace
 
 import pytest
-from twins import make_twins
+from twins import CORNER, corner_twins
 
 from decree import invert, scan_encoder
 from decree.inversion import InversionConfig
 from decree.zoo.triggers import Trigger
 
 SIZE = 32
-TRIGGER = Trigger(size=4, row=24, col=24, pattern="white", position="bottom-right")
+TRIGGER = Trigger(**CORNER)
 
 
 @pytest.fixture(scope="module")
 def twins():
     """A clean Lite0 (real ImageNet weights) and a copy with a 4x4 white-patch backdoor (1.6% of the image)."""
-    return make_twins(TRIGGER, size=SIZE, n_shadow=128)
+    return corner_twins(n_shadow=128)
 
 
 CFG = InversionConfig.from_profile("fast", max_steps=80, min_steps=40, restarts=2, batch_size=24)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -202,26 +203,34 @@ def test_worker_turns_every_bad_file_into_one_error_row_and_scans_the_good_ones(
 # ----------------------------------------------------------------------------------- property-based mutations
 
 
+@pytest.fixture(scope="module")
+def mutation_worker(files, tmp_path_factory):
+    """One worker for every mutation, as in a scan: a file that breaks its loader must not break the next file."""
+    box = tmp_path_factory.mktemp("mut")
+    worker = ScanWorker(harness.settings(files["root"] / "zoo" / "shadow.npz", box / "out", box / "cache", steps=1))
+    yield box, worker
+    worker.close()
+
+
 _positions = st.one_of(st.integers(0, 4095), st.integers(-4096, -1), st.integers(0, 10**9))
 
 
 @given(kind=st.sampled_from(["safetensors", "pt"]), flips=st.lists(st.tuples(_positions, st.integers(0, 255)), max_size=8),
        cut=st.one_of(st.none(), st.integers(0, 10**9)))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-def test_mutated_checkpoints_always_give_exactly_one_row_and_write_only_to_out_and_cache(files, tmp_path_factory, kind, flips, cut):
-    box = tmp_path_factory.mktemp("mut")
+def test_mutated_checkpoints_always_give_exactly_one_row_and_write_only_to_out_and_cache(files, mutation_worker, kind,
+                                                                                        flips, cut):
+    box, worker = mutation_worker
     data = bytearray((files["enc"] / ("good.safetensors" if kind == "safetensors" else "good2.pt")).read_bytes())
     for pos, value in flips:
         data[pos % len(data)] = value
     if cut is not None:
         data = data[: cut % (len(data) + 1)]
-    src = box / "src"
-    src.mkdir()
+    src = box / "src" / uuid.uuid4().hex[:8]
+    src.mkdir(parents=True)
     (src / f"m.{kind}").write_bytes(bytes(data))
     before = harness.tree(box)
-    worker = ScanWorker(harness.settings(files["root"] / "zoo" / "shadow.npz", box / "out", box / "cache", steps=1))
     rows = harness.scan_source(str(src), worker, arch=TINY_ARCH)
-    worker.close()
     assert len(rows) == 1 and rows[0]["status"] in ("ok", "error")
     row = rows[0]
     if row["status"] == "error":

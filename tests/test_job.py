@@ -304,6 +304,7 @@ def test_a_rerun_reuses_unchanged_entries_without_downloading_and_refetches_chan
 
     again = run_job(_config(folder, shadow, out))
     assert (again.scanned, again.reused, again.reused_unchanged) == (0, 0, 4)  # nothing fetched at all
+    assert again.workers == 0  # nothing to fetch: no actor started, so a cluster is asked for no GPU node
 
     # the same bytes rewritten: a new ctime, so fetched and hashed again, then reused by content
     (folder / "enc1.safetensors").write_bytes((folder / "enc1.safetensors").read_bytes())
@@ -314,6 +315,14 @@ def test_a_rerun_reuses_unchanged_entries_without_downloading_and_refetches_chan
     rows = _by_id(results_mod.load_rows(str(out)))
     assert rows["enc2.safetensors"]["image_size"] == TINY_SIZE + 8
     assert all(r["source_identity"].startswith("file:") for r in rows.values())
+
+
+def test_a_listing_of_one_encoder_starts_one_actor_however_many_are_allowed(local_ray, zoo, tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "enc1.safetensors").write_bytes((zoo / "encoders" / "enc1.safetensors").read_bytes())
+    summary = run_job(_config(folder, zoo / "shadow.npz", tmp_path / "out", arch=TINY_ARCH, num_workers=2))
+    assert (summary.scanned, summary.workers) == (1, 1)
 
 
 def test_other_settings_never_reuse_an_unchanged_entry(local_ray, zoo, tmp_path):

@@ -23,10 +23,19 @@ def make_twins(trigger, *, size: int = 32, n_shadow: int = 128, steps: int = 40)
     return clean, trojan, shadow
 
 
+CORNER = dict(size=4, row=24, col=24, pattern="white", position="bottom-right")
+
+
 @functools.cache
-def corner_twins():
-    """A 4-px white bottom-right patch at 32 px, 96 shadow images: built once per session for every module that
-    needs it (test_transfer, test_consensus). Callers must not change the encoders in place."""
+def _corner_twins():
     from decree.zoo.triggers import Trigger
 
-    return make_twins(Trigger(size=4, row=24, col=24, pattern="white", position="bottom-right"), size=32, n_shadow=96)
+    return make_twins(Trigger(**CORNER), size=32, n_shadow=128)
+
+
+def corner_twins(n_shadow: int = 96):
+    """A 4-px white bottom-right patch at 32 px (1.6% of the image), the first `n_shadow` (at most 128) shadow
+    images: trained once per session for every module that needs it (test_detection, test_transfer,
+    test_consensus). Callers must not change the encoders in place."""
+    clean, trojan, shadow = _corner_twins()
+    return clean, trojan, shadow[:n_shadow]
