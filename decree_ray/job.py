@@ -1,7 +1,8 @@
 """The Ray job: stream encoders from a source to a pool of scan actors, one encoder per call, into Parquet.
 
 Each actor is built once (device, shadow set, inversion config) and gets encoders through a `ray.wait` dispatch
-loop. Per encoder the actor first downloads and hashes (`fetch`), and the driver decides by content
+loop. Actors start only for encoders the driver cannot settle alone (an unchanged entry of a finished scan is
+settled from the earlier table), so a re-run with nothing to do asks the cluster for nothing. Per encoder the actor first downloads and hashes (`fetch`), and the driver decides by content
 (`results.content_key`: sha256, arch, profile, image_size, mean, std, format) whether to scan, to reuse an
 earlier result (resume; identical checkpoints under other keys) or to wait for an identical one in flight.
 An actor holds its current encoder plus at most `prefetch` more: their calls queue on the actor (Ray runs one

@@ -183,7 +183,8 @@ def test_scan_grows_a_cluster_from_zero_gpus_to_two_and_it_scales_back_to_zero(a
     assert ray.cluster_resources().get("GPU", 0) == 0 and not autoscaling_head.worker_nodes()
     watch = _Watch(autoscaling_head)
 
-    summary = run_job(_config(zoo, tmp_path, 6), watch)
+    config = _config(zoo, tmp_path, 6)
+    summary = run_job(config, watch)
 
     rows = results_mod.load_rows(str(tmp_path / "out"))
     assert sorted(r["id"] for r in rows) == [f"m{i}.safetensors" for i in range(6)]
@@ -191,6 +192,11 @@ def test_scan_grows_a_cluster_from_zero_gpus_to_two_and_it_scales_back_to_zero(a
     assert summary.workers == 2 and watch.first_wait == (0, 2)  # it asked before any GPU existed
     assert watch.max_nodes >= 1  # the autoscaler launched GPU nodes for the scan's actors
     _wait_for_zero_workers(autoscaling_head)  # nothing held: idle nodes go away
+
+    # the finished scan again (a nightly rerun): every entry unchanged, so no actor is asked for, no GPU node
+    again = run_job(config, _Watch(autoscaling_head))
+    assert (again.reused_unchanged, again.scanned, again.workers) == (6, 0, 0)
+    assert not autoscaling_head.worker_nodes()
 
 
 def test_losing_an_autoscaled_node_mid_scan_requeues_its_encoder_and_the_pool_recovers(autoscaling_head, zoo,
