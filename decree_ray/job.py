@@ -2,9 +2,10 @@
 
 Each actor is built once (device, shadow set, inversion config) and gets encoders through a `ray.wait` dispatch
 loop. Actors start only for encoders the driver cannot settle alone (an unchanged entry of a finished scan is
-settled from the earlier table), so a re-run with nothing to do asks the cluster for nothing. Per encoder the actor first downloads and hashes (`fetch`), and the driver decides by content
-(`results.content_key`: sha256, arch, profile, image_size, mean, std, format) whether to scan, to reuse an
-earlier result (resume; identical checkpoints under other keys) or to wait for an identical one in flight.
+settled from the earlier table), so a re-run with nothing to do asks the cluster for nothing. Per encoder the
+actor first downloads and hashes (`fetch`), and the driver decides by content (`results.content_key`: sha256,
+arch, profile, image_size, mean, std, format) whether to scan, to reuse an earlier result (resume; identical
+checkpoints under other keys) or to wait for an identical one in flight.
 An actor holds its current encoder plus at most `prefetch` more: their calls queue on the actor (Ray runs one
 caller's calls in order), so the next download starts as the last scan ends instead of a driver round trip
 later, and a slow encoder holds back at most `prefetch` others. Every encoder ends as exactly one row: a
@@ -382,7 +383,11 @@ class _Job:
                     f"{self._options.asked}, the cluster offers {offer(_ray.cluster_resources())}")
             by_ref = {c.ref: (s, c) for s in busy for c in s.calls}
             by_ref.update({s.ready_ref: (s, None) for s in self.slots if not s.ready})
-            done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5) if by_ref else ([], None)
+            if by_ref:
+                done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
+            else:  # nothing in flight: the next pass dispatches or returns; never spin on an empty wait
+                done = []
+                time.sleep(0.05)
             for ref in done:
                 slot, call = by_ref[ref]
                 if call is None:
