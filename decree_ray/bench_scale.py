@@ -155,6 +155,7 @@ def _ray_job(src: str, endpoint: str, n: int, steps: int, workers: int, prefetch
             num_workers=workers,
             prefetch=prefetch,
             evidence=False,  # the loop writes none either: evidence PNGs are core output, not layer cost
+            consensus=False,  # nor does it build a consensus base and score each encoder against it (core work)
             timeout=600,
         )
         rss0 = _rss_mib()
