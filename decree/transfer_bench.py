@@ -194,13 +194,8 @@ def markdown(rows: list[dict]) -> str:
     def auc(sel, col):
         return _f(_auc(values(sel, col, "trojaned"), values(sel, col, "clean"))[0])
 
-    def edge(sel, col):
-        pos, neg = values(sel, col, "trojaned"), values(sel, col, "clean")
-        return f"{max(pos):.4f} / {min(neg):.4f}" if pos and neg else "-"
-
-    def distances(sel):  # the true base's distance (rows written before the column have none)
-        pos, neg = ([v for v in values(sel, lambda r: r.get("base_distance"), label) if v is not None]
-                    for label in ("trojaned", "clean"))
+    def edge(sel, col):  # rows without a value (e.g. a distance, before that column) are left out
+        pos, neg = ([v for v in values(sel, col, label) if v is not None] for label in ("trojaned", "clean"))
         return f"{max(pos):.4f} / {min(neg):.4f}" if pos and neg else "-"
 
     zoos = " ".join(f"--zoo {z}" for z in dict.fromkeys(r["zoo"] for r in rows))
@@ -224,7 +219,7 @@ def markdown(rows: list[dict]) -> str:
         out.append(f"| {split} | {cond} | {fam} | {len(neg)} | {len(pos)} | {auc(sel, 'pl1_norm')} | "
                    f"{auc(sel, 'specific_pl1')} | {counts(sel, lambda r: r['patch_verdict'] == 'trojaned')} | "
                    f"{counts(sel, lambda r: r['specific_verdict'] == 'trojaned')} | {counts(sel, lambda r: plain[id(r)])} | "
-                   f"{counts(sel, lambda r: based[id(r)])} | {edge(sel, 'specific_pl1')} | {distances(sel)} | {secs:.2f} | "
+                   f"{counts(sel, lambda r: based[id(r)])} | {edge(sel, 'specific_pl1')} | {edge(sel, lambda r: r.get('base_distance'))} | {secs:.2f} | "
                    f"{tsecs:.3f} |")
     label = {f"{r['zoo']}:{r['id']}": r["label"] for r in rows}  # a member's label, by the id its group names
     for prefix, title in (("consensus_", "## Base unknown: the default consensus (each family's own folder)"),
