@@ -11,7 +11,7 @@ caller's calls in order), so the next download starts as the last scan ends inst
 later, and a slow encoder holds back at most `prefetch` others. Every encoder ends as exactly one row: a
 timeout (counted from when the actor starts the call) kills and replaces the actor; an actor that dies is
 replaced and the encoder it was running retried up to `max_retries` times, then recorded as an error; the
-encoders queued behind it go back to the queue unpenalized.
+encoders queued behind it go back to the queue unpenalized. Starting, replacing and stopping actors: decree_ray.slots.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from .config import CONSENSUS_MEMBERS, JobConfig, JobError, JobSummary, precheck
 from .progress import Counts, NullReporter, Reporter
 from .schema import SCAN_COLUMNS, new_row
 from .sources import EncoderTask, SourceStats, is_manifest, is_shard_index, iter_tasks
-from .pool import ActorShape, autoscaler_can_grow, offer, plan_actors
+from .pool import offer
 from .resume import ResumeState
-from .worker import ScanSettings, ScanWorker, error_row, write_evidence
+from .slots import Actors, Call, Slot, scan_settings
+from .worker import error_row, write_evidence
 
 
 def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
@@ -71,22 +72,6 @@ class _Work:
 
 
 @dataclass
-class _Call:
-    ref: Any
-    work: _Work
-    phase: str  # "fetch" or "scan"
-
-
-@dataclass
-class _Slot:
-    actor: Any
-    ready_ref: Any
-    ready: bool = False
-    calls: collections.deque = field(default_factory=collections.deque)  # outstanding, in the actor's run order
-    head_since: float = 0.0  # when the actor started running calls[0] (as seen by the driver)
-
-
-@dataclass
 class _State:
     pending: collections.deque = field(default_factory=collections.deque)  # retries go first
     in_flight: set = field(default_factory=set)  # content keys being scanned now
@@ -107,9 +92,8 @@ class _Job:
             config.out, every=config.flush_every, seconds=config.flush_seconds, options=config.s3
         )
         self._finished = results_mod.load_rows(config.out, config.s3)  # indexed by _open_resume, then released
-        self.slots: list[_Slot] = []
-        self.start_failures = 0  # actors that died before they were ready
-        self._actor_cls = None
+        self.actors: Actors | None = None  # planned when the job runs: a request no cluster can meet fails first
+        self.slots: list[Slot] = []
         self.auto_bases: tuple[str, ...] = ()  # architectures whose consensus was picked by default
 
     def _open_resume(self) -> None:
@@ -145,63 +129,11 @@ class _Job:
         self.counts.listing_done = True
 
     # -- actors -------------------------------------------------------------------------------------
-    def _actor_options(self) -> ActorShape:
-        import ray
-
-        res = ray.cluster_resources()
-        ask = dict(cpus=self.cfg.cpus_per_encoder, gpus=self.cfg.gpus_per_encoder, workers=self.cfg.num_workers,
-                   max_encoders=self.cfg.max_encoders)
-        shape = plan_actors(res, **ask, can_grow=True)
-        # an embedded Ray (started here) never grows; a cluster's autoscaler adds nodes for pending actors
-        if shape.fits_now < 1 and (self.embedded or not autoscaler_can_grow()):
-            plan_actors(res, **ask, can_grow=False)  # raises, naming what was asked and what is there
-        return shape
-
-    def _new_slot(self) -> _Slot:
-        import ray
-
-        cpus, gpus = self._options.cpus, self._options.gpus
-        settings = ScanSettings(
-            shadow=self.cfg.shadow,
-            out=self.cfg.out,
-            profile=self.cfg.profile,
-            steps=self.cfg.steps,
-            threshold=self.cfg.threshold,
-            shadow_limit=self.cfg.shadow_limit,
-            max_checkpoint_bytes=self.cfg.max_checkpoint_bytes,
-            load_timeout=self.cfg.load_timeout,
-            image_size=self.cfg.image_size,
-            trust_sidecar_preprocessing=self.cfg.trust_sidecar_preprocessing,
-            evidence=self.cfg.evidence,
-            threads=max(1, int(cpus)),
-            s3=self.cfg.s3,
-            overrides=self.cfg.overrides,
-            bases=self.cfg.bases,
-            auto_bases=self.auto_bases,
-            shadow_sha256=self.shadow_sha256,
-        )
-        if self._actor_cls is None:
-            self._actor_cls = ray.remote(ScanWorker)
-        actor = self._actor_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0).remote(
-            settings
-        )
-        return _Slot(actor=actor, ready_ref=actor.ready.remote())
-
-    def _replace(self, slot: _Slot) -> list[_Call]:
-        """Kill the slot's actor and start a fresh one; returns the calls the old actor still had."""
-        import ray
-
-        ray.kill(slot.actor, no_restart=True)
-        lost = list(slot.calls)
-        fresh = self._new_slot()
-        slot.actor, slot.ready_ref, slot.ready, slot.calls = fresh.actor, fresh.ready_ref, False, collections.deque()
-        return lost
-
-    def _replace_busy(self, slot: _Slot) -> _Call | None:
+    def _replace_busy(self, slot: Slot) -> Call | None:
         """Replace a failed actor. Returns the call it was running (the culprit); the encoders queued behind
         it go back to the front of the queue, unpenalized. Content keys of all of them leave `in_flight`:
         their waiters stay parked for the next owner of that content."""
-        lost = self._replace(slot)
+        lost = self.actors.replace(slot)
         for call in lost:
             if call.work.key is not None:
                 self.state.in_flight.discard(call.work.key)
@@ -294,10 +226,12 @@ class _Job:
         import ray
 
         t0 = time.monotonic()
-        self._options = self._actor_options()
+        self.actors = Actors(self.cfg, embedded=self.embedded)
+        self.slots = self.actors.slots
         self._tasks = self._source()
         self._pick_consensus()
         self._open_resume()  # after the pick: the members are part of the settings
+        self.actors.settings = scan_settings(self.cfg, auto_bases=self.auto_bases, shadow_sha256=self.shadow_sha256)
         self.reporter.start()
         flushed = False
         try:
@@ -308,7 +242,7 @@ class _Job:
                 self.writer.flush()
                 flushed = True
             finally:  # a failing output store must not leave the actors holding their CPUs/GPUs
-                self._stop_actors(ray)
+                self.actors.stop()
                 if flushed:
                     results_mod.compact(self.cfg.out, self.cfg.s3, finalize=self._fleet)
         self.summary.workers = len(self.slots)
@@ -331,19 +265,13 @@ class _Job:
         self.summary.collapsing_bases = collapsing_bases(rows)
         return rows
 
-    def _stop_actors(self, ray) -> None:
-        closing = [s.actor.close.remote() for s in self.slots if s.ready and not s.calls]
-        ray.wait(closing, num_returns=len(closing), timeout=10)  # let idle actors clear their caches
-        for slot in self.slots:
-            ray.kill(slot.actor, no_restart=True)
-
     def _grow(self) -> None:
         """Start an actor only for work no started actor will take: a rerun whose every entry is unchanged starts
         none (and asks a cluster for no GPU node), a listing of n encoders at most n."""
-        starting = sum(not s.ready for s in self.slots)
-        while len(self.slots) < self._options.count:
+        starting = self.actors.starting
+        while not self.actors.full:
             if len(self.state.pending) > starting:
-                self.slots.append(self._new_slot())
+                self.actors.add()
                 starting += 1
             elif (work := self._pull()) is not None:
                 self.state.pending.append(work)
@@ -376,11 +304,9 @@ class _Job:
             if busy or not self.slots or any(s.ready for s in self.slots):  # runs while every actor is starting
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > self.cfg.startup_timeout:
-                import ray as _ray
-
                 raise JobError(
                     f"no scan worker could start within {self.cfg.startup_timeout:g}s (--startup-timeout): asked for "
-                    f"{self._options.asked}, the cluster offers {offer(_ray.cluster_resources())}")
+                    f"{self.actors.shape.asked}, the cluster offers {offer(ray.cluster_resources())}")
             by_ref = {c.ref: (s, c) for s in busy for c in s.calls}
             by_ref.update({s.ready_ref: (s, None) for s in self.slots if not s.ready})
             if by_ref:
@@ -391,33 +317,18 @@ class _Job:
             for ref in done:
                 slot, call = by_ref[ref]
                 if call is None:
-                    self._handle_ready(ray, slot, ref)
+                    self.actors.on_ready(slot, ref)
                 elif call in slot.calls:  # not already dropped with an actor that died or timed out
                     self._handle(ray, slot, call)
             self._check_timeouts()
             self.writer.flush_if_due()
 
-    def _submit(self, slot: _Slot, work: _Work, phase: str, ref) -> None:
+    def _submit(self, slot: Slot, work: _Work, phase: str, ref) -> None:
         if not slot.calls:
             slot.head_since = time.monotonic()
-        slot.calls.append(_Call(ref, work, phase))
+        slot.calls.append(Call(ref, work, phase))
 
-    def _handle_ready(self, ray, slot: _Slot, ref) -> None:
-        from ray.exceptions import RayActorError
-
-        try:
-            ray.get(ref)
-            slot.ready = True
-        except RayActorError as e:
-            self.start_failures += 1
-            if self.start_failures > 3 * len(self.slots):
-                raise JobError(f"scan workers keep dying before they start: {e}") from e
-            self._replace(slot)
-        except Exception as e:  # noqa: BLE001 - a worker that cannot build (e.g. bad shadow set) stops the job
-            cause = getattr(e, "cause", None) or e
-            raise JobError(f"scan worker failed to start: {type(cause).__name__}: {cause}") from e
-
-    def _handle(self, ray, slot: _Slot, call: _Call) -> None:
+    def _handle(self, ray, slot: Slot, call: Call) -> None:
         from ray.exceptions import RayActorError
 
         work = call.work
@@ -438,12 +349,12 @@ class _Job:
             self.summary.scanned += 1
             self._finish(work, write_evidence(result, self.cfg.out))
 
-    def _pop(self, slot: _Slot, call: _Call) -> None:
+    def _pop(self, slot: Slot, call: Call) -> None:
         """A call came back: the actor runs calls in order, so the next one started about now."""
         slot.calls.remove(call)
         slot.head_since = time.monotonic()
 
-    def _after_fetch(self, slot: _Slot, work: _Work, result: dict[str, Any]) -> None:
+    def _after_fetch(self, slot: Slot, work: _Work, result: dict[str, Any]) -> None:
         if "row" in result:
             self._emit(result["row"])
             return
@@ -477,7 +388,7 @@ class _Job:
     def _fail(self, work: _Work, message: str) -> None:
         self._finish(work, error_row(work.task, message, sha256=work.sha, size_bytes=work.size))
 
-    def _actor_died(self, slot: _Slot, exc: Exception) -> None:
+    def _actor_died(self, slot: Slot, exc: Exception) -> None:
         """The call the actor was running is the culprit; the ones queued behind it are requeued."""
         head = self._replace_busy(slot)
         if head is None:

@@ -9,6 +9,7 @@ import threading
 import time
 
 from decree_ray import job as job_mod
+from decree_ray import slots as slots_mod
 
 
 class Killer:
@@ -66,14 +67,14 @@ class Killer:
 
 def track_actors(monkeypatch) -> list:
     """Every actor the job creates (so a test can end the ones a failed job leaves behind)."""
-    actors, real = [], job_mod._Job._new_slot
+    actors, real = [], slots_mod.Actors._start
 
-    def new_slot(job):
-        slot = real(job)
+    def start(pool):
+        slot = real(pool)
         actors.append(slot.actor)
         return slot
 
-    monkeypatch.setattr(job_mod._Job, "_new_slot", new_slot)
+    monkeypatch.setattr(slots_mod.Actors, "_start", start)
     return actors
 
 
