@@ -274,6 +274,7 @@ class _Job:
                 self.actors.add()
                 starting += 1
             elif (work := self._pull()) is not None:
+                self.actors.note_arch(work.task.arch)  # the actor it starts imports that family's library
                 self.state.pending.append(work)
             else:
                 return

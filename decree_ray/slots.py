@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import JobConfig, JobError
 from .pool import ActorShape, autoscaler_can_grow, plan_actors
-from .worker import ScanSettings, ScanWorker
+from .worker import WARM_ARCHS, ScanSettings, ScanWorker
 
 
 @dataclass
@@ -26,6 +26,14 @@ class Slot:
     ready: bool = False
     calls: collections.deque = field(default_factory=collections.deque)  # outstanding, in the actor's run order
     head_since: float = 0.0  # when the actor started running calls[0] (as seen by the driver)
+
+
+def one_per_family(archs: tuple[str, ...], arch: str | None) -> tuple[str, ...]:
+    """`archs` plus `arch` if its family is new, at most WARM_ARCHS: the names are the audited party's strings."""
+    family = (arch or "").partition("/")[0]
+    if not family or len(archs) >= WARM_ARCHS or any(a.partition("/")[0] == family for a in archs):
+        return archs
+    return (*archs, arch)
 
 
 def scan_settings(cfg: JobConfig, *, auto_bases: tuple[str, ...], shadow_sha256: str | None) -> ScanSettings:
@@ -61,6 +69,7 @@ class Actors:
         self.slots: list[Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self.settings: ScanSettings | None = None  # set once the listing has picked the consensus members
+        self.archs: tuple[str, ...] = ()  # queued, one per family: a starting actor imports their libraries
         self._cls = None
         self.shape = self._plan()
 
@@ -85,6 +94,9 @@ class Actors:
     def starting(self) -> int:
         return sum(not s.ready for s in self.slots)
 
+    def note_arch(self, arch: str | None) -> None:
+        self.archs = one_per_family(self.archs, arch)
+
     def add(self) -> Slot:
         slot = self._start()
         self.slots.append(slot)
@@ -98,7 +110,7 @@ class Actors:
             self._cls = ray.remote(ScanWorker)
         actor = self._cls.options(num_cpus=self.shape.cpus, num_gpus=self.shape.gpus, max_restarts=0,
                                   max_task_retries=0).remote(self.settings)
-        return Slot(actor=actor, ready_ref=actor.ready.remote())
+        return Slot(actor=actor, ready_ref=actor.ready.remote(self.archs))
 
     def replace(self, slot: Slot) -> list[Call]:
         """Kill the slot's actor and start a fresh one; returns the calls the old actor still had."""

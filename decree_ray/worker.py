@@ -54,6 +54,7 @@ class ScanSettings:
 
 EVIDENCE_COLUMNS = ("evidence_mask", "evidence_pattern", "evidence_stamp", "evidence_grid")
 EVIDENCE_BYTES = "_evidence_bytes"  # {column: (file name, PNG bytes)} on a row for a local --out; not a column
+WARM_ARCHS = 8  # at most this many architectures warmed at start (each family's library is imported once anyway)
 
 
 def _digest(path: Path) -> tuple[str, int]:
@@ -181,11 +182,16 @@ class ScanWorker:
             pass
         return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
 
-    def ready(self) -> str:
-        """Load the shared state eagerly so the first encoder's timeout does not pay for it."""
-        self._reader.start()  # imports torch in the child while the shadow set decodes here
+    def ready(self, archs: tuple[str, ...] = ()) -> str:
+        """Load the shared state eagerly so the first encoder's timeout does not pay for it: the shadow set, the
+        inversion config, and the libraries of `archs`' families (the driver names the ones it has queued)."""
+        from decree.encoders.registry import warm_family
+
+        self._reader.start()  # imports torch in the child while the shadow set decodes and timm imports here
         self._shadow_set()
         self._inversion_config()
+        for arch in archs[:WARM_ARCHS]:
+            warm_family(str(arch))
         return self.device
 
     # -- shared state -------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Encoder families, preprocessing, and the registry."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -64,3 +67,18 @@ def test_registry_rejects_a_duplicate_family():
 def test_degenerate_preprocessing_is_refused_rather_than_scanned(override):
     with pytest.raises(ArchitectureError):
         create_encoder("torchvision/resnet18", **override)
+
+
+def test_warming_an_arch_imports_only_its_registered_familys_library():
+    """A worker imports the queued families' libraries at start; the arch is the audited party's string, so it must
+    never name a module itself (`this` prints on import: a sentinel)."""
+    code = (
+        "import sys\n"
+        "from decree.encoders.registry import warm_family\n"
+        "assert 'timm' not in sys.modules\n"
+        "assert warm_family('timm/test_resnet') and 'timm' in sys.modules\n"
+        "assert not warm_family('this/x') and not warm_family('cifar/resnet18') and not warm_family('no-slash')\n"
+        "assert 'this' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr

@@ -34,6 +34,12 @@ def _config(source, shadow, out, **kw) -> JobConfig:
     return JobConfig(source=str(source), shadow=str(shadow), out=str(out), **base)
 
 
+def _rerun_config(source, shadow, out, **kw) -> JobConfig:
+    """One actor: these tests check what the driver keeps, reuses or rescans across runs, not concurrency (a second
+    actor on two cores costs each of their jobs about 2 s of start-up)."""
+    return _config(source, shadow, out, **{"num_workers": 1, **kw})
+
+
 def _by_id(rows):
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), f"duplicate rows: {ids}"
@@ -141,15 +147,15 @@ def test_resume_after_interrupt_scans_only_unfinished_encoders_and_matches_a_cle
 
 def test_a_rerun_with_other_settings_rescans_instead_of_keeping_the_earlier_verdicts(local_ray, zoo, tmp_path):
     manifest, shadow, out = zoo / "manifest.jsonl", zoo / "shadow.npz", tmp_path / "out"
-    smoke = run_job(_config(manifest, shadow, out, steps=1))
+    smoke = run_job(_rerun_config(manifest, shadow, out, steps=1))
     assert smoke.scanned == 3 and smoke.other_settings == 0
-    same = run_job(_config(manifest, shadow, out, steps=1))
+    same = run_job(_rerun_config(manifest, shadow, out, steps=1))
     assert same.scanned == 0 and same.reused_unchanged == 4  # identical settings, unchanged files: nothing to do
-    real = run_job(_config(manifest, shadow, out, steps=3))
+    real = run_job(_rerun_config(manifest, shadow, out, steps=3))
     assert real.scanned == 3 and real.other_settings == 4  # the smoke run's rows did not decide this one
     rows = results_mod.load_rows(str(out))
     assert len(rows) == 4 and all(r["steps"] > 1 or r["steps"] == 3 for r in rows if r["status"] == "ok")
-    threshold = run_job(_config(manifest, shadow, out, steps=3, threshold=0.5))
+    threshold = run_job(_rerun_config(manifest, shadow, out, steps=3, threshold=0.5))
     assert threshold.scanned == 3  # the threshold changes verdicts (and where settling stops): rescanned
 
 
@@ -275,13 +281,13 @@ def test_a_table_from_before_the_content_key_column_still_resumes_its_own_uris_o
     src.mkdir()
     shutil.copy(zoo / "encoders" / "enc1.safetensors", src / "a.safetensors")
     out = tmp_path / "out"
-    run_job(_config(src, zoo / "shadow.npz", out, arch=TINY_ARCH))
+    run_job(_rerun_config(src, zoo / "shadow.npz", out, arch=TINY_ARCH))
     table = pq.read_table(out / "results.parquet")
     old = table.set_column(table.schema.get_field_index("content_key"), "content_key", pa.nulls(table.num_rows, pa.string()))
     pq.write_table(old, out / "results.parquet")
     shutil.copy(src / "a.safetensors", src / "b.safetensors")
 
-    summary = run_job(_config(src, zoo / "shadow.npz", out, arch=TINY_ARCH))
+    summary = run_job(_rerun_config(src, zoo / "shadow.npz", out, arch=TINY_ARCH))
 
     assert (summary.reused, summary.scanned) == (1, 1)
     rows = _by_id(results_mod.load_rows(str(out)))
@@ -299,10 +305,10 @@ def _folder_with_sidecars(zoo, folder):
 def test_a_rerun_reuses_unchanged_entries_without_downloading_and_refetches_changed_ones(local_ray, zoo, tmp_path):
     folder = _folder_with_sidecars(zoo, tmp_path / "fleet")
     shadow, out = zoo / "shadow.npz", tmp_path / "out"
-    first = run_job(_config(folder, shadow, out))
+    first = run_job(_rerun_config(folder, shadow, out))
     assert first.scanned == 3 and first.reused == 1 and first.reused_unchanged == 0
 
-    again = run_job(_config(folder, shadow, out))
+    again = run_job(_rerun_config(folder, shadow, out))
     assert (again.scanned, again.reused, again.reused_unchanged) == (0, 0, 4)  # nothing fetched at all
     assert again.workers == 0  # nothing to fetch: no actor started, so a cluster is asked for no GPU node
 
@@ -310,7 +316,7 @@ def test_a_rerun_reuses_unchanged_entries_without_downloading_and_refetches_chan
     (folder / "enc1.safetensors").write_bytes((folder / "enc1.safetensors").read_bytes())
     # another preprocessing in the sidecar: the key changes, so it is scanned again
     (folder / "enc2.safetensors.json").write_text(json.dumps({"arch": TINY_ARCH, "image_size": TINY_SIZE + 8}))
-    third = run_job(_config(folder, shadow, out))
+    third = run_job(_rerun_config(folder, shadow, out))
     assert (third.scanned, third.reused, third.reused_unchanged) == (1, 1, 2)
     rows = _by_id(results_mod.load_rows(str(out)))
     assert rows["enc2.safetensors"]["image_size"] == TINY_SIZE + 8
@@ -328,8 +334,8 @@ def test_a_listing_of_one_encoder_starts_one_actor_however_many_are_allowed(loca
 def test_other_settings_never_reuse_an_unchanged_entry(local_ray, zoo, tmp_path):
     folder = _folder_with_sidecars(zoo, tmp_path / "fleet")
     shadow, out = zoo / "shadow.npz", tmp_path / "out"
-    run_job(_config(folder, shadow, out, steps=1))
-    real = run_job(_config(folder, shadow, out, steps=3))
+    run_job(_rerun_config(folder, shadow, out, steps=1))
+    real = run_job(_rerun_config(folder, shadow, out, steps=3))
     assert real.reused_unchanged == 0 and real.scanned == 3
 
 
@@ -341,10 +347,10 @@ def test_an_s3_rerun_of_a_finished_scan_downloads_no_checkpoint(local_ray, s3, z
     src = upload_folder(client, bucket, _folder_with_sidecars(zoo, tmp_path / "fleet"), "fleet")
     out = f"s3://{bucket}/scan"
     shadow = upload_folder(client, bucket, zoo, "z") + "/shadow.npz"
-    run_job(_config(src, shadow, out, endpoint_url=endpoint))
+    run_job(_rerun_config(src, shadow, out, endpoint_url=endpoint))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="werkzeug"):
-        again = run_job(_config(src, shadow, out, endpoint_url=endpoint))
+        again = run_job(_rerun_config(src, shadow, out, endpoint_url=endpoint))
     assert again.reused_unchanged == 4 and again.scanned == 0
     gets = [r.getMessage() for r in caplog.records if '"GET /' in r.getMessage()]
     assert gets and not [g for g in gets if ".safetensors " in g or ".safetensors?" in g], gets

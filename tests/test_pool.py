@@ -32,3 +32,16 @@ def test_progress_says_it_waits_for_workers_before_the_first_is_ready():
     assert task.description == "waiting for workers: 0/16 ready, autoscaler adding nodes"
     reporter.update(Counts(discovered=5, workers=16, workers_ready=16))
     assert reporter._progress.tasks[0].description == "scanning"
+
+
+def test_a_starting_actor_warms_one_architecture_per_family_and_a_bounded_number_of_them():
+    from decree_ray.slots import one_per_family
+    from decree_ray.worker import WARM_ARCHS
+
+    archs = ()
+    for arch in ["timm/a", "timm/b", None, "", "open_clip/ViT-B-32", "timm/c"]:
+        archs = one_per_family(archs, arch)
+    assert archs == ("timm/a", "open_clip/ViT-B-32")
+    for i in range(100):  # a hostile manifest naming many families cannot grow what each actor is sent
+        archs = one_per_family(archs, f"fam{i}/x")
+    assert len(archs) == WARM_ARCHS

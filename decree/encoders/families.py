@@ -34,7 +34,7 @@ def _without_final_linear(head: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
-@register_family("torchvision")
+@register_family("torchvision", library="torchvision")
 def build_torchvision(name: str) -> tuple[nn.Module, Preprocess]:
     import torchvision
 
@@ -51,7 +51,7 @@ def build_torchvision(name: str) -> tuple[nn.Module, Preprocess]:
     return model, Preprocess(size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-@register_family("timm")
+@register_family("timm", library="timm")
 def build_timm(name: str) -> tuple[nn.Module, Preprocess]:
     import timm
 
@@ -85,7 +85,7 @@ def _ensure_open_clip_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIGS)
 
 
-@register_family("open_clip")
+@register_family("open_clip", library="open_clip")
 def build_open_clip(name: str) -> tuple[nn.Module, Preprocess]:
     import open_clip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -92,17 +93,36 @@ class FamilyBuilder(Protocol):
 
 
 _FAMILIES: dict[str, FamilyBuilder] = {}
+_LIBRARIES: dict[str, str] = {}  # family -> the module its builder imports (warm_family)
 _PRETRAINED: dict[str, Callable[[], dict[str, torch.Tensor]]] = {}
 
 
-def register_family(prefix: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
+def register_family(prefix: str, library: str | None = None) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    """`library`: the module the builder imports on first use, so a worker can import it ahead (warm_family)."""
+
     def deco(fn: FamilyBuilder) -> FamilyBuilder:
         if prefix in _FAMILIES:
             raise ValueError(f"encoder family {prefix!r} is already registered")
         _FAMILIES[prefix] = fn
+        if library:
+            _LIBRARIES[prefix] = library
         return fn
 
     return deco
+
+
+def warm_family(arch: str) -> bool:
+    """Import the library of `arch`'s family now (timm takes seconds), so that an encoder's scan does not pay for
+    it. Only a registered family's own library: `arch` is the audited party's string and never names a module.
+    Never raises: a library that fails to import fails the scans that need it, each in its row."""
+    library = _LIBRARIES.get(arch.partition("/")[0])
+    if library is None:
+        return False
+    try:
+        importlib.import_module(library)
+    except Exception:  # noqa: BLE001 - the scan that needs it says why
+        return False
+    return True
 
 
 def register_pretrained(arch: str) -> Callable:
