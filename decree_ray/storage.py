@@ -158,11 +158,17 @@ def read_bytes(uri: str, options: S3Options = DEFAULT_S3) -> bytes:
 
 def identity_of(uri: str, options: S3Options = DEFAULT_S3) -> str:
     """The listing identity of one entry (as iter_s3_entries / iter_local_files give it): a HEAD or a stat."""
+    return size_and_identity(uri, options)[1]
+
+
+def size_and_identity(uri: str, options: S3Options = DEFAULT_S3) -> tuple[int, str]:
+    """size_of and identity_of from one HEAD (or stat): a request to the store is most of a tiny encoder's fetch."""
     if not is_s3(uri):
-        return local_identity(os.stat(uri))
+        st = os.stat(uri)
+        return st.st_size, local_identity(st)
     bucket, key = split_s3(uri)
     head = s3_client(options).head_object(Bucket=bucket, Key=key)
-    return f"s3:{int(head['ContentLength'])}:{head.get('ETag', '')}"
+    return int(head["ContentLength"]), f"s3:{int(head['ContentLength'])}:{head.get('ETag', '')}"
 
 
 class TooLarge(ValueError):

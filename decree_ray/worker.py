@@ -229,13 +229,16 @@ class ScanWorker:
         self.drop(task.uri)
         limit = self.settings.max_checkpoint_bytes
         try:
+            size = task.size_bytes
+            if task.identity is None and not is_shard_index(task.uri):
+                # a manifest entry: its listing identity, taken before the bytes are read (a re-run compares it);
+                # the same HEAD gives the size the limit is checked against
+                head_size, identity = storage.size_and_identity(task.uri, self.settings.s3)
+                task, size = replace(task, identity=identity), head_size if size is None else size
             if limit is not None:
-                size = task.size_bytes if task.size_bytes is not None else storage.size_of(task.uri, self.settings.s3)
+                size = size if size is not None else storage.size_of(task.uri, self.settings.s3)
                 if size > limit:  # refused before a single byte of it is downloaded
                     return {"row": self._too_big(task, size, limit)}
-            if task.identity is None and not is_shard_index(task.uri):
-                # a manifest entry: its listing identity, taken before the bytes are read (a re-run compares it)
-                task = replace(task, identity=storage.identity_of(task.uri, self.settings.s3))
             copied = None
             if not storage.is_s3(task.uri) and not is_shard_index(task.uri):
                 copied = storage.snapshot_local(task.uri, self.cache, limit)  # hash and scan the same bytes

@@ -159,3 +159,19 @@ def test_the_worker_turns_a_load_bomb_into_one_named_error_row_and_scans_the_res
     assert time.monotonic() - t0 < 60
     record("hostile checkpoint", "memo-DAG load bomb beside a good encoder (worker path)", 2,
            "one error row 'checkpoint load exceeded 3 s', the good encoder scanned")
+
+
+def test_many_small_tensors_and_large_ones_come_through_the_pipe_exactly(reader, tmp_path):
+    """Frames are read ahead in 64 KiB reads: tensors smaller than, at and past that size, one of several MiB, an
+    empty one and a pure-pickle .pt, read in a row, each arrive bit for bit and nothing spills into the next file."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [0, 1, 3, 1000, 16383, 16384, 16385, 40000, 3_000_000] + [7] * 300
+    sd = {f"t{i:03d}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    sd["ints"] = torch.arange(70000, dtype=torch.int64)
+    save_file(sd, tmp_path / "mixed.safetensors")
+    torch.save({"w": torch.randn(5, 5, generator=g), "nested": {"b": torch.ones(3)}}, tmp_path / "small.pt")
+    for _ in range(2):
+        got = reader.read(tmp_path / "mixed.safetensors")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+        pt = reader.read(tmp_path / "small.pt")
+        assert pt["w"].shape == (5, 5) and torch.equal(pt["nested"]["b"], torch.ones(3))

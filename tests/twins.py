@@ -38,4 +38,6 @@ def corner_twins(n_shadow: int = 96):
     images: trained once per session for every module that needs it (test_detection, test_transfer,
     test_consensus). Callers must not change the encoders in place."""
     clean, trojan, shadow = _corner_twins()
+    if n_shadow > len(shadow):
+        raise ValueError(f"corner_twins has {len(shadow)} shadow images, not {n_shadow}")
     return clean, trojan, shadow[:n_shadow]

@@ -29,6 +29,8 @@ MIN_MEMORY = 2 << 30  # the child's resident memory may grow to max(this, 3 × f
 MAX_DEPTH = 8  # nesting of dicts kept (wrappers are at most a few deep)
 _HEADER_MAX = 256 << 20  # a header lists keys and shapes: far below this for any real checkpoint
 _LEN = struct.Struct(">Q")
+_READ_AHEAD = 64 << 10  # bytes: the least a read asks the pipe for (a frame header, a small tensor, the next ones)
+_RSS_EVERY = 0.01  # s: while frames flow, the child's memory is read at most this often (each 50 ms wait: always)
 _READY = b"ready"  # the child's first frame, once its imports are done
 STARTUP_TIMEOUT = 120.0  # s: how long a fresh loader may take to import torch before it is called broken
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -173,6 +175,8 @@ class ContainedReader:
         self.memory_factor = float(memory_factor)
         self._proc: subprocess.Popen | None = None
         self._baseline = 0
+        self._pending = bytearray()  # read ahead of the frame being read: small frames arrive many to a read
+        self._rss_at = 0.0  # when the child's memory was last read
         self._started = False  # the child has said it is ready (its torch import is not a checkpoint's time)
 
     def start(self) -> None:
@@ -185,8 +189,10 @@ class ContainedReader:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             preexec_fn=_no_core_dumps if os.name == "posix" else None)
         self._started = False
+        self._pending.clear()
 
     def close(self) -> None:
+        self._pending.clear()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -253,16 +259,28 @@ class ContainedReader:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
     def _exact(self, proc, n: int, deadline: float, memory: int, name: str) -> bytes:
-        fd = proc.stdout.fileno()
-        chunks, got = [], 0
+        """n bytes from the child. A checkpoint of small tensors is hundreds of small frames: reads of at least
+        _READ_AHEAD bytes take several at once (what is past the frame waits in `_pending`, at most that much),
+        so each frame is not a select and a /proc read of its own; a large tensor is read straight, as sent."""
+        fd, pending = proc.stdout.fileno(), self._pending
+        if len(pending) >= n:
+            out = bytes(pending[:n])
+            del pending[:n]
+            return out
+        chunks, got = [bytes(pending)], len(pending)
+        pending.clear()
         while got < n:
             ready, _, _ = select.select([fd], [], [], 0.05)
             self._check(proc, deadline, memory, name, alive=bool(ready))  # cheap: a poll and one /proc read
             if not ready:
                 continue
-            chunk = os.read(fd, min(n - got, 1 << 22))
+            want = n - got
+            chunk = os.read(fd, min(want, 1 << 22) if want >= _READ_AHEAD else _READ_AHEAD)
             if not chunk:
                 self._check(proc, deadline, memory, name, ended=True)
+            if len(chunk) > want:
+                pending += chunk[want:]
+                chunk = chunk[:want]
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
@@ -276,8 +294,12 @@ class ContainedReader:
                                      "ran")
             how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit {code}"
             raise LoadLimitError(f"loader crashed reading {name} ({how}); nothing in it was run")
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise LoadLimitError(f"checkpoint load exceeded {self.timeout:g} s reading {name} (killed)")
+        if alive and now - self._rss_at < _RSS_EVERY:  # frames are flowing: the load itself is over
+            return
+        self._rss_at = now
         rss = _rss(proc.pid)
         if rss is not None:
             if rss - self._baseline > memory:
