@@ -80,9 +80,11 @@ class _State:
 
 
 class _Job:
-    def __init__(self, config: JobConfig, reporter: Reporter, embedded: bool = False):
+    def __init__(self, config: JobConfig, reporter: Reporter, embedded: bool = False,
+                 worker_cls: type | None = None):
         self.cfg = config
         self.embedded = embedded
+        self.worker_cls = worker_cls  # None: decree_ray.worker.ScanWorker
         self.reporter = reporter
         self.summary = JobSummary(results=results_mod.results_path(config.out))
         self.counts = Counts()
@@ -226,7 +228,7 @@ class _Job:
         import ray
 
         t0 = time.monotonic()
-        self.actors = Actors(self.cfg, embedded=self.embedded)
+        self.actors = Actors(self.cfg, embedded=self.embedded, worker_cls=self.worker_cls)
         self.slots = self.actors.slots
         self._tasks = self._source()
         self._pick_consensus()

@@ -63,9 +63,10 @@ class Actors:
     """The job's actor slots. A slot keeps its place when its actor is replaced, so the loop's view of its
     outstanding calls stays one deque per slot."""
 
-    def __init__(self, cfg: JobConfig, *, embedded: bool):
+    def __init__(self, cfg: JobConfig, *, embedded: bool, worker_cls: type | None = None):
         self.cfg = cfg
         self.embedded = embedded
+        self.worker_cls = worker_cls or ScanWorker  # bench_driver measures the driver with stand-in actors
         self.slots: list[Slot] = []
         self.start_failures = 0  # actors that died before they were ready
         self.settings: ScanSettings | None = None  # set once the listing has picked the consensus members
@@ -107,7 +108,7 @@ class Actors:
 
         assert self.settings is not None, "scan settings are set before the first actor starts"
         if self._cls is None:
-            self._cls = ray.remote(ScanWorker)
+            self._cls = ray.remote(self.worker_cls)
         actor = self._cls.options(num_cpus=self.shape.cpus, num_gpus=self.shape.gpus, max_restarts=0,
                                   max_task_retries=0).remote(self.settings)
         return Slot(actor=actor, ready_ref=actor.ready.remote(self.archs))
