@@ -95,7 +95,6 @@ class _Job:
         )
         self._finished = results_mod.load_rows(config.out, config.s3)  # indexed by _open_resume, then released
         self.actors: Actors | None = None  # planned when the job runs: a request no cluster can meet fails first
-        self.slots: list[Slot] = []
         self.auto_bases: tuple[str, ...] = ()  # architectures whose consensus was picked by default
 
     def _open_resume(self) -> None:
@@ -131,6 +130,10 @@ class _Job:
         self.counts.listing_done = True
 
     # -- actors -------------------------------------------------------------------------------------
+    @property
+    def slots(self) -> list[Slot]:
+        return self.actors.slots
+
     def _replace_busy(self, slot: Slot) -> Call | None:
         """Replace a failed actor. Returns the call it was running (the culprit); the encoders queued behind
         it go back to the front of the queue, unpenalized. Content keys of all of them leave `in_flight`:
@@ -229,7 +232,6 @@ class _Job:
 
         t0 = time.monotonic()
         self.actors = Actors(self.cfg, embedded=self.embedded, worker_cls=self.worker_cls)
-        self.slots = self.actors.slots
         self._tasks = self._source()
         self._pick_consensus()
         self._open_resume()  # after the pick: the members are part of the settings

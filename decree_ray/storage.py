@@ -143,10 +143,7 @@ def exists(uri: str, options: S3Options = DEFAULT_S3) -> bool:
 
 def size_of(uri: str, options: S3Options = DEFAULT_S3) -> int:
     """Size in bytes without reading the body: a HEAD on S3, a stat locally (missing objects raise)."""
-    if not is_s3(uri):
-        return Path(uri).stat().st_size
-    bucket, key = split_s3(uri)
-    return int(s3_client(options).head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return size_and_identity(uri, options)[0]
 
 
 def read_bytes(uri: str, options: S3Options = DEFAULT_S3) -> bytes:

@@ -271,7 +271,7 @@ class ContainedReader:
         pending.clear()
         while got < n:
             ready, _, _ = select.select([fd], [], [], 0.05)
-            self._check(proc, deadline, memory, name, alive=bool(ready))  # cheap: a poll and one /proc read
+            self._check(proc, deadline, memory, name, alive=bool(ready))  # a poll, at most one /proc read
             if not ready:
                 continue
             want = n - got
