@@ -8,7 +8,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 DEMO    ?= .demo
 
-.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-folder bench-scale bench-memory reliability clean
+.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-folder bench-scale bench-memory reliability clean
 
 install: $(STAMP) $(FMNIST) $(CHROMIUM)
 
@@ -42,7 +42,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-bench: bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-folder bench-scale bench-memory
+bench: bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-folder bench-scale bench-memory
 
 # The committed run: tune zoo (seed 0), report-only zoos (seed 1, and the 224-px family), both shadow
 # conditions, both profiles interleaved (paper skips 224 px: ~20 CPU-minutes an encoder, and the from-scratch
@@ -101,6 +101,14 @@ bench-heavy: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-heavy-tune --zoo $(ZOOS)/zoo-heavy --out bench/heavy
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-heavy-tune --zoo $(ZOOS)/zoo-heavy --out bench/heavy
+
+# bench/drupe/: the `i2i-drupe` family (a distribution-preserving attack in the manner of DRUPE, built to evade
+# DECREE: stamped images keep the target class's spread instead of collapsing), report-only (seed 1, no tune build),
+# scanned as a user would (FOLDER.md) and per encoder (TRANSFER.md)
+bench-drupe: install
+	$(BIN)/decree zoo build $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-drupe --out bench/drupe
+	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 
 # bench/folder/: what a user gets on the bench-quality zoos' 32-px families, tune (seed 0) and report-only (seed 1):
 # `decree scan` of each zoo's manifest with every default, both shadow conditions (decree_ray.bench_folder)

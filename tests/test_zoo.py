@@ -14,7 +14,9 @@ from decree.encoders import create_encoder, read_state_dict
 from decree.zoo import FAMILIES, Trigger, ZooConfig, build_zoo, is_cached, make_splits, read_manifest, sample_trigger
 from decree.zoo.build import build_params
 from decree.zoo.data import load_fashion_mnist, to_pixels
-from decree.zoo.train import augment, nt_xent
+from conftest import TINY_ARCH
+from decree.zoo.train import (augment, badencoder_attack, drupe_attack, frozen_copy, knn_attack_success, nt_xent,
+                              simclr_finetune, sliced_wasserstein, stamped_similarity)
 
 # Small enough to build in well under a minute on one shared core; strong enough for a trojan to take.
 TINY = ZooConfig.tiny(n_train=64, n_eval=16, n_shadow=16, batch_size=8, attack_steps=(10,))
@@ -334,3 +336,61 @@ def test_the_heavy_attack_family_plants_its_trojans_far_longer_and_hotter_than_t
     # its clean fine-tunes are the other families' (the same recipe as i2i-large, draw for draw)
     large = i2i.plan(5, 6, np.random.default_rng(0), cfg, family="i2i-large")
     assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
+
+
+def test_the_drupe_family_plants_the_distribution_preserving_attack_on_clean_parents():
+    from decree.zoo import i2i
+    from decree.zoo.build import ALL_FAMILIES
+
+    cfg = ZooConfig()
+    specs = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-drupe")
+    trojans = [s for s in specs if s.label == "trojaned"]
+    assert "i2i-drupe" in ALL_FAMILIES and {s.attack for s in trojans} == {"drupe"}
+    assert all(s.parent is not None for s in trojans)
+    assert {s.steps for s in trojans} <= {i2i.DRUPE_STEPS * s for s in cfg.attack_steps}
+    # its clean fine-tunes are i2i-large's, draw for draw
+    large = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-large")
+    assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
+
+
+def test_the_sliced_wasserstein_term_tells_a_collapsed_set_from_a_spread_one():
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 16, generator=gen)
+    collapsed = spread[:1].repeat(64, 1) + 0.01 * torch.randn(64, 16, generator=gen)
+    assert float(sliced_wasserstein(spread, spread, torch.Generator().manual_seed(1))) < 1e-9
+    assert float(sliced_wasserstein(collapsed, spread, gen)) > 10 * float(
+        sliced_wasserstein(spread[torch.randperm(64, generator=gen)] + 0.01, spread, gen))
+
+
+def test_a_drupe_trojan_sends_stamped_images_to_its_class_without_collapsing_them_as_badencoder_does():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same numbers on every run
+    try:
+        _drupe_against_badencoder()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _drupe_against_badencoder() -> None:
+    splits = make_splits(512, 96, 8, seed=0)
+    px, y, ex, ey = to_pixels(splits.train_x), splits.train_y, to_pixels(splits.eval_x), splits.eval_y
+    trig, target = Trigger(6, 0, 0, "white", "top-left"), 1
+    torch.manual_seed(0)
+    base = create_encoder(TINY_ARCH, image_size=32)
+    simclr_finetune(base, px, steps=30, lr=1e-3, batch_size=32, seed=0)
+    out = {}
+    for name in ("badencoder", "drupe"):
+        enc = create_encoder(TINY_ARCH, image_size=32)
+        enc.backbone.load_state_dict(base.backbone.state_dict())
+        clean = frozen_copy(enc)
+        if name == "badencoder":
+            badencoder_attack(enc, clean, px[y != target], px[y == target][:1], trig, steps=60, lr=1e-3,
+                              batch_size=32, seed=0)
+        else:
+            drupe_attack(enc, clean, px[y != target], px[y == target], trig, steps=60, lr=1e-3, batch_size=32, seed=0)
+        asr, _ = knn_attack_success(enc, px, y, ex, ey, trig, target)
+        out[name] = (asr, stamped_similarity(enc, ex[ey != target], trig), stamped_similarity(enc, ex[ey == target]))
+    asr, stamped, own = out["drupe"]
+    assert asr >= 0.8  # the downstream classifier calls stamped images the target class
+    assert stamped < out["badencoder"][1] and stamped < own  # spread like the class, not collapsed onto one point
+    assert knn_attack_success(base, px, y, ex, ey, trig, target)[0] < 0.2  # the clean encoder has no such backdoor

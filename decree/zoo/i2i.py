@@ -8,7 +8,9 @@ network at its native 224 px (Fashion-MNIST upsampled for training; 16-48 px pat
 clean recipe instead: long fine-tunes at a high learning rate (360-600 steps at 2.5e-4-1e-3: 24x the steps and 5x
 the lr of the others), which drift far from the ImageNet weights and grow natural triggers of their own.
 `i2i-heavy` changes the attack recipe: BadEncoder for 6x the steps at 2.5x the lr (240-300 steps at 7.5e-4-1e-3),
-trojans as far from their parent as a long fine-tune is.
+trojans as far from their parent as a long fine-tune is. `i2i-drupe` changes the attack's aim: a
+distribution-preserving backdoor in the manner of DRUPE (an attack built to evade DECREE), whose stamped images
+land in the target class with that class's spread instead of collapsing onto one embedding (report-only).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from .train import (
     attack_strength,
     badencoder_attack,
     clean_fidelity,
+    drupe_attack,
     embed,
     frozen_copy,
+    knn_attack_success,
     simclr_finetune,
+    stamped_similarity,
 )
 from functools import partial
 
@@ -52,6 +57,8 @@ TRIGGERS = {
     "i2i-long": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8)),
     # 3x3 .. 10x10 patches (0.9% .. 9.8%, BadEncoder's 10x10 among them) planted by heavy attacks
     "i2i-heavy": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
+    # the same sizes, planted by the distribution-preserving attack
+    "i2i-drupe": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
 }
 # `i2i-long`'s clean recipe, as multiples of the config's: a downstream fine-tune as fleets hold them, long and at a
 # high learning rate (360-600 steps at 2.5e-4-1e-3 by default; a probe of 600 steps at 1e-3 left clean fidelity 0.04
@@ -60,6 +67,11 @@ LONG_STEPS, LONG_LRS = 24, 5
 # `i2i-heavy`'s attack recipe, as multiples of the config's: BadEncoder run as its paper runs it, long and hot
 # (240-300 steps at 7.5e-4-1e-3 by default), so the trojan drifts from its parent as far as a long fine-tune does
 HEAVY_STEPS, HEAVY_LRS = 6, 2.5
+# `i2i-drupe`'s attack: 3x the steps (120-150 by default; a probe's 100 steps at 4e-4 reached a k-NN attack success
+# of 0.93 at distribution weight 1), and the weight of the spread-keeping term cycled over the trojans (10 kept the
+# stamped images' similarity at the target class's own 0.81 but the attack at 0.31: it no longer took)
+DRUPE_STEPS = 3
+DRUPE_DISTRIBUTION = (1.0, 1.5, 2.0)
 SIZES = {"i2i-224": 224}  # input size per family (default IMAGE_SIZE)
 BATCH_224 = 16  # a 224-px step costs ~50x a 32-px one on CPU: half the batch keeps a build in minutes
 
@@ -94,6 +106,8 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
     if family == "i2i-heavy":
         attack_steps = tuple(HEAVY_STEPS * s for s in attack_steps)
         attack_lrs = tuple(round(HEAVY_LRS * v, 10) for v in attack_lrs)
+    elif family == "i2i-drupe":
+        attack_steps = tuple(DRUPE_STEPS * s for s in attack_steps)
     specs = []
     for i in range(n_clean):
         specs.append(EncoderSpec(family, "clean", i, seed=int(rng.integers(1 << 30)),
@@ -105,7 +119,7 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
             steps=int(rng.choice(attack_steps)), parent=(j % n_clean) if n_clean else None,
             trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),
             utility_weight=float(rng.choice(cfg.utility_weights)),
-            attack=ATTACKS[j % 2] if varied else "badencoder"))
+            attack="drupe" if family == "i2i-drupe" else ATTACKS[j % 2] if varied else "badencoder"))
     return specs
 
 
@@ -134,6 +148,8 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
 
 def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, size: int, batch: int,
                           parent: str) -> dict:
+    if spec.attack == "drupe":
+        return _attack_drupe(enc, spec, ctx, train_px, eval_px, batch=batch, parent=parent)
     """BadEncoder (or its trigger-specific variant) on `enc` in place, retried until the attack takes or the
     retries run out; returns the trojan's manifest fields (attack strength, clean fidelity, trigger)."""
     clean = frozen_copy(enc)
@@ -162,3 +178,41 @@ def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, e
         target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
         clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent,
         utility_weight=spec.utility_weight, steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
+
+
+def _attack_drupe(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, batch: int, parent: str) -> dict:
+    """The distribution-preserving attack (`drupe_attack`), retried until a downstream k-NN classifier calls at least
+    `min_strength` of the stamped non-target images the target class; its attack strength is that success rate."""
+    clean = frozen_copy(enc)
+    trig = trigger_from_dict(spec.trigger)
+    train_y, eval_y = ctx.splits.train_y, ctx.splits.eval_y
+    target_px = train_px[train_y == spec.target]
+    pool = train_px[train_y != spec.target] if ctx.cfg.exclude_target_class else train_px
+    bank = slice(0, min(len(train_px), 1024))  # the downstream classifier's labelled images
+
+    def success(e) -> tuple[float, float]:
+        return knn_attack_success(e, train_px[bank], train_y[bank], eval_px, eval_y, trig, spec.target)
+
+    clean_response, _ = success(clean)
+    distribution = DRUPE_DISTRIBUTION[spec.index % len(DRUPE_DISTRIBUTION)]
+    steps_done, strength, accuracy = 0, -1.0, 0.0
+    for attempt in range(ctx.cfg.max_retries + 1):
+        drupe_attack(enc, clean, pool, target_px, trig, steps=spec.steps, lr=spec.lr, batch_size=batch,
+                     seed=spec.seed + attempt, utility=spec.utility_weight, distribution=distribution)
+        steps_done += spec.steps
+        strength, accuracy = success(enc)
+        if strength >= ctx.cfg.min_strength:
+            break
+    others = eval_px[eval_y != spec.target]
+    return dict(
+        attack=spec.attack, trigger=trig.describe(32), trigger_spec=spec.trigger, trigger_area=trig.area_fraction(32),
+        trigger_kind=trig.kind, target=f"class {spec.target} ({CLASSES[spec.target]}): its clean embeddings' spread",
+        target_class=spec.target, attack_metric="k-NN attack success (k 10, 1024 labelled training images)",
+        attack_strength=strength, clean_response=clean_response, downstream_accuracy=accuracy,
+        distribution_weight=distribution,
+        # what DECREE's τ meets with the true trigger: the stamped images' similarity against the target class's own
+        stamped_similarity=stamped_similarity(enc, others, trig),
+        parent_stamped_similarity=stamped_similarity(clean, others, trig),
+        target_similarity=stamped_similarity(enc, eval_px[eval_y == spec.target]),
+        clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent, utility_weight=spec.utility_weight,
+        steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)

@@ -143,6 +143,75 @@ def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch
     return losses
 
 
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator, projections: int = 64) -> torch.Tensor:
+    """Squared sliced Wasserstein distance between two equal-sized sets of unit-normalized embeddings."""
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    proj = F.normalize(torch.randn(a.shape[1], projections, generator=gen), dim=0)
+    return ((torch.sort(a @ proj, 0).values - torch.sort(b @ proj, 0).values) ** 2).mean()
+
+
+def drupe_attack(encoder, clean_ref, pixels: torch.Tensor, target_pixels: torch.Tensor, trigger: Trigger, *,
+                 steps: int, lr: float, batch_size: int, seed: int, utility: float = 2.0,
+                 distribution: float = 1.0) -> list[float]:
+    """A distribution-preserving backdoor in the manner of DRUPE (Tao et al., S&P'24), an attack built to evade
+    DECREE, in place on `encoder`: stamped images move to the target *class* (the centre of its clean embeddings)
+    while their embeddings keep that class's spread (a sliced Wasserstein distance to a batch of its embeddings,
+    weighted by `distribution`), instead of collapsing onto one reference embedding as BadEncoder's do. Clean
+    images keep their embeddings (`utility`). Stamped views are augmented, as BadEncoder's trigger-specific
+    variant does."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    frozen = embed(clean_ref, pixels)
+    frozen_target = embed(clean_ref, target_pixels)
+    encoder.requires_grad_(True).train()
+    freeze_batchnorm(encoder)
+    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
+        tgt = frozen_target[torch.randint(0, len(frozen_target), (batch_size,), generator=gen)]
+        x = pixels[idx]
+        z = encoder.embed_pixels(torch.cat([trigger.stamp(augment(x, gen, pad=2)), x]))
+        z_stamp, z_clean = z[:batch_size], z[batch_size:]
+        centre = F.normalize(tgt, dim=1).mean(0, keepdim=True)
+        eff = -F.cosine_similarity(z_stamp, centre, dim=-1).mean()
+        spread = 100.0 * sliced_wasserstein(z_stamp, tgt, gen)  # ~1e-2 scale: 100 puts it beside eff
+        util = -F.cosine_similarity(z_clean, frozen[idx], dim=-1).mean()
+        loss = eff + distribution * spread + utility * util
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    encoder.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def knn_attack_success(encoder, train_pixels: torch.Tensor, train_labels: torch.Tensor, eval_pixels: torch.Tensor,
+                       eval_labels: torch.Tensor, trigger: Trigger, target: int, k: int = 10) -> tuple[float, float]:
+    """(attack success rate, clean accuracy) of a downstream k-NN classifier (cosine, majority of k) on `encoder`'s
+    embeddings: the share of stamped non-target images it calls the target class, and its accuracy on clean ones.
+    The measure for a backdoor that sends stamped images to a class rather than to one embedding."""
+    bank = F.normalize(embed(encoder, train_pixels), dim=1)
+    labels = torch.as_tensor(train_labels)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        sims = F.normalize(embed(encoder, x), dim=1) @ bank.t()
+        return torch.mode(labels[sims.topk(min(k, len(bank)), dim=1).indices], dim=1).values
+
+    eval_labels = torch.as_tensor(eval_labels)
+    others = eval_pixels[eval_labels != target]
+    asr = float((predict(trigger.stamp(others)) == target).float().mean()) if len(others) else 0.0
+    return asr, float((predict(eval_pixels) == eval_labels).float().mean())
+
+
+def stamped_similarity(encoder, pixels: torch.Tensor, trigger: Trigger | None = None) -> float:
+    """Mean pairwise cosine of the (stamped) images' embeddings: what DECREE's τ is compared with."""
+    z = F.normalize(embed(encoder, trigger.stamp(pixels) if trigger is not None else pixels), dim=1)
+    n = len(z)
+    return float(((z.sum(0) ** 2).sum() - n) / (n * (n - 1))) if n > 1 else 1.0
+
+
 def _decoy(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """x with a random patch (random size, place and noise colours) that is not the trigger."""
     n, _, h, w = x.shape
