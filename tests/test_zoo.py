@@ -16,7 +16,7 @@ from decree.zoo.build import build_params
 from decree.zoo.data import load_fashion_mnist, to_pixels
 from conftest import TINY_ARCH
 from decree.zoo.train import (augment, badencoder_attack, drupe_attack, frozen_copy, knn_attack_success, nt_xent,
-                              simclr_finetune, sliced_wasserstein, stamped_similarity)
+                              pairwise_similarity, simclr_finetune, sliced_wasserstein)
 
 # Small enough to build in well under a minute on one shared core; strong enough for a trojan to take.
 TINY = ZooConfig.tiny(n_train=64, n_eval=16, n_shadow=16, batch_size=8, attack_steps=(10,))
@@ -389,7 +389,7 @@ def _drupe_against_badencoder() -> None:
         else:
             drupe_attack(enc, clean, px[y != target], px[y == target], trig, steps=60, lr=1e-3, batch_size=32, seed=0)
         asr, _ = knn_attack_success(enc, px, y, ex, ey, trig, target)
-        out[name] = (asr, stamped_similarity(enc, ex[ey != target], trig), stamped_similarity(enc, ex[ey == target]))
+        out[name] = (asr, pairwise_similarity(enc, ex[ey != target], trig), pairwise_similarity(enc, ex[ey == target]))
     asr, stamped, own = out["drupe"]
     assert asr >= 0.8  # the downstream classifier calls stamped images the target class
     assert stamped < out["badencoder"][1] and stamped < own  # spread like the class, not collapsed onto one point

@@ -33,7 +33,7 @@ from .train import (
     frozen_copy,
     knn_attack_success,
     simclr_finetune,
-    stamped_similarity,
+    pairwise_similarity,
 )
 from functools import partial
 
@@ -211,8 +211,8 @@ def _attack_drupe(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, 
         attack_strength=strength, clean_response=clean_response, downstream_accuracy=accuracy,
         distribution_weight=distribution,
         # what DECREE's τ meets with the true trigger: the stamped images' similarity against the target class's own
-        stamped_similarity=stamped_similarity(enc, others, trig),
-        parent_stamped_similarity=stamped_similarity(clean, others, trig),
-        target_similarity=stamped_similarity(enc, eval_px[eval_y == spec.target]),
+        stamped_similarity=pairwise_similarity(enc, others, trig),
+        parent_stamped_similarity=pairwise_similarity(clean, others, trig),
+        target_similarity=pairwise_similarity(enc, eval_px[eval_y == spec.target]),
         clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent, utility_weight=spec.utility_weight,
         steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)

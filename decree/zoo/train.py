@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inversion import mean_pairwise_cosine
 from .triggers import Trigger
 
 
@@ -205,11 +206,10 @@ def knn_attack_success(encoder, train_pixels: torch.Tensor, train_labels: torch.
     return asr, float((predict(eval_pixels) == eval_labels).float().mean())
 
 
-def stamped_similarity(encoder, pixels: torch.Tensor, trigger: Trigger | None = None) -> float:
+def pairwise_similarity(encoder, pixels: torch.Tensor, trigger: Trigger | None = None) -> float:
     """Mean pairwise cosine of the (stamped) images' embeddings: what DECREE's τ is compared with."""
-    z = F.normalize(embed(encoder, trigger.stamp(pixels) if trigger is not None else pixels), dim=1)
-    n = len(z)
-    return float(((z.sum(0) ** 2).sum() - n) / (n * (n - 1))) if n > 1 else 1.0
+    z = embed(encoder, trigger.stamp(pixels) if trigger is not None else pixels)
+    return float(mean_pairwise_cosine(z[None])[0]) if len(z) > 1 else 1.0
 
 
 def _decoy(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
