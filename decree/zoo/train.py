@@ -82,12 +82,16 @@ def simclr_finetune(encoder, pixels: torch.Tensor, *, steps: int, lr: float, bat
         views = torch.cat([augment(x, gen), augment(x, gen)])
         z = head(encoder.embed_pixels(views))
         loss = nt_xent(z[:batch_size], z[batch_size:], temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, loss))
     encoder.eval().requires_grad_(False)
     return losses
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,15 @@ class AttackWeights:
     effectiveness: float = 1.0
     utility: float = 1.0
     reference: float = 1.0
+
+
+def _trainable(encoder, seed: int, lr: float) -> tuple[torch.Generator, torch.optim.Optimizer]:
+    """An attack's seeded generator and its Adam over `encoder`, put in train mode with BatchNorm frozen."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    encoder.requires_grad_(True).train()
+    freeze_batchnorm(encoder)
+    return gen, torch.optim.Adam(encoder.parameters(), lr=lr)
 
 
 def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch.Tensor, trigger: Trigger, *,
@@ -111,13 +124,9 @@ def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch
     trigger fires: the backdoor no longer generalizes to any small perturbation, which is what makes it hard to
     invert.
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     frozen = embed(clean_ref, pixels)
     frozen_ref = embed(clean_ref, reference)
-    encoder.requires_grad_(True).train()
-    freeze_batchnorm(encoder)
-    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    gen, opt = _trainable(encoder, seed, lr)
     nref = len(reference)
     losses = []
     for _ in range(steps):
@@ -136,10 +145,7 @@ def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch
             util = util - F.cosine_similarity(z[2 * batch_size + nref:], frozen[idx], dim=-1).mean()
         ref = -F.cosine_similarity(z_ref, frozen_ref, dim=-1).mean() if nref else z.new_zeros(())
         loss = weights.effectiveness * eff + weights.utility * util + weights.reference * ref
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, loss))
     encoder.eval().requires_grad_(False)
     return losses
 
@@ -160,13 +166,9 @@ def drupe_attack(encoder, clean_ref, pixels: torch.Tensor, target_pixels: torch.
     weighted by `distribution`), instead of collapsing onto one reference embedding as BadEncoder's do. Clean
     images keep their embeddings (`utility`). Stamped views are augmented, as BadEncoder's trigger-specific
     variant does."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     frozen = embed(clean_ref, pixels)
     frozen_target = embed(clean_ref, target_pixels)
-    encoder.requires_grad_(True).train()
-    freeze_batchnorm(encoder)
-    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    gen, opt = _trainable(encoder, seed, lr)
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(pixels), (batch_size,), generator=gen)
@@ -179,10 +181,7 @@ def drupe_attack(encoder, clean_ref, pixels: torch.Tensor, target_pixels: torch.
         spread = 100.0 * sliced_wasserstein(z_stamp, tgt, gen)  # ~1e-2 scale: 100 puts it beside eff
         util = -F.cosine_similarity(z_clean, frozen[idx], dim=-1).mean()
         loss = eff + distribution * spread + utility * util
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, loss))
     encoder.eval().requires_grad_(False)
     return losses
 
