@@ -100,11 +100,12 @@ def main(argv=None) -> None:
     p.add_argument("--zoo", action="append", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the embedded Ray")
+    p.add_argument("--shadow", action="append", help=f"a shadow file in each zoo folder (repeat; default {SHADOWS})")
     a = p.parse_args(argv)
     rows, walls = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-folder-") as work:
         for zoo in a.zoo:
-            for shadow in SHADOWS:
+            for shadow in a.shadow or SHADOWS:
                 got, wall = scan(zoo, shadow, Path(work), a.cpus)
                 rows += got
                 walls[(zoo.name, condition_of(shadow))] = wall

@@ -394,3 +394,15 @@ def _drupe_against_badencoder() -> None:
     assert asr >= 0.8  # the downstream classifier calls stamped images the target class
     assert stamped < out["badencoder"][1] and stamped < own  # spread like the class, not collapsed onto one point
     assert knn_attack_success(base, px, y, ex, ey, trig, target)[0] < 0.2  # the clean encoder has no such backdoor
+
+
+def test_the_digits_shadow_set_is_grey_strokes_on_a_flat_background_and_loads_as_a_shadow_set(tmp_path):
+    from decree.shadow import ShadowSet
+    from decree.zoo.photos import DIGITS_SHADOW, digit_images, main
+
+    x = digit_images(40, 32, seed=0)
+    assert x.shape == (40, 32, 32, 3) and x.dtype == np.uint8
+    assert (x[..., 0] == x[..., 2]).all() and len({im.tobytes() for im in x}) == 40  # grey, no repeats
+    assert (x[:, :, 0] < 16).mean() > 0.9 and x.max() > 200  # a dark left edge, bright strokes
+    main(["digits", str(tmp_path), "--n", "24"])
+    assert len(ShadowSet(tmp_path / DIGITS_SHADOW)) == 24

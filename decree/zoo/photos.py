@@ -1,7 +1,10 @@
-"""An out-of-distribution shadow set: random crops of the natural photos scikit-image and scikit-learn ship.
+"""Out-of-distribution shadow sets: random crops of the natural photos scikit-image and scikit-learn ship, and
+scikit-learn's handwritten digits.
 
 An auditor rarely has the pre-training data; these photos (people, animals, objects, scenes, microscopy,
-astronomy) share nothing with Fashion-MNIST and are never used to train or attack a zoo encoder.
+astronomy) share nothing with Fashion-MNIST and are never used to train or attack a zoo encoder. The digits are a
+second, poorer choice an auditor might make: grey strokes on a flat black background, as Fashion-MNIST's.
+`python -c "from decree.zoo.photos import main; main()" digits ZOO...` writes them into zoos (`shadow-digits.npz`).
 """
 
 from __future__ import annotations
@@ -50,3 +53,41 @@ def natural_crops(n: int, image_size: int, seed: int = 0, min_fraction: float = 
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         out[i] = np.asarray(crop.resize((image_size, image_size), Image.BILINEAR))
     return out
+
+
+DIGITS_SHADOW = "shadow-digits.npz"
+
+
+def digit_images(n: int, image_size: int, seed: int = 0) -> np.ndarray:
+    """n of scikit-learn's bundled 8x8 handwritten digits (17 grey levels), drawn without replacement and resized
+    to image_size: uint8 (n,S,S,3)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images  # (1797, 8, 8), 0..16
+    pick = np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False)
+    out = np.empty((len(pick), image_size, image_size, 3), dtype=np.uint8)
+    for i, k in enumerate(pick):
+        grey = Image.fromarray((images[k] * 255 / 16).round().astype(np.uint8))
+        out[i] = np.asarray(grey.resize((image_size, image_size), Image.BILINEAR))[..., None]
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description="write the digits shadow set into zoo folders")
+    p.add_argument("kind", choices=["digits"])
+    p.add_argument("zoo", nargs="+", type=Path)
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--size", type=int, default=32)
+    a = p.parse_args(argv)
+    for zoo in a.zoo:
+        np.savez_compressed(zoo / DIGITS_SHADOW, x=digit_images(a.n, a.size, seed=0))
+    print(json.dumps({"wrote": [str(z / DIGITS_SHADOW) for z in a.zoo]}))
+
+
+if __name__ == "__main__":
+    main()
