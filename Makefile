@@ -110,16 +110,19 @@ bench-drupe: install
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 
-# bench/digits/: the report-only zoos of bench-drupe, bench-heavy and bench-long scanned as a user would with a third
+# bench/digits/: the zoos of bench-drupe, bench-heavy and bench-long (tune and report-only) scanned as a user would with a third
 # shadow set, scikit-learn's handwritten digits (flat background), written into each zoo as shadow-digits.npz (the
 # zoos are reused from those targets' cache when built)
 bench-digits: install
 	$(BIN)/decree zoo build $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
 	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
 	$(BIN)/decree zoo build $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --seed 1
-	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-drupe $(ZOOS)/zoo-heavy $(ZOOS)/zoo-long
-	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-drupe --zoo $(ZOOS)/zoo-heavy --zoo $(ZOOS)/zoo-long \
-	    --shadow shadow-digits.npz --out bench/digits
+	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy-tune --family i2i-heavy --clean 5 --trojaned 4 --seed 0
+	$(BIN)/decree zoo build $(ZOOS)/zoo-long-tune --family i2i-long --clean 5 --trojaned 5 --seed 0
+	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-long-tune $(ZOOS)/zoo-heavy-tune \
+	    $(ZOOS)/zoo-drupe $(ZOOS)/zoo-heavy $(ZOOS)/zoo-long
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-heavy-tune \
+	    --zoo $(ZOOS)/zoo-drupe --zoo $(ZOOS)/zoo-heavy --zoo $(ZOOS)/zoo-long --shadow shadow-digits.npz --out bench/digits
 
 # bench/folder/: what a user gets on the bench-quality zoos' 32-px families, tune (seed 0) and report-only (seed 1):
 # `decree scan` of each zoo's manifest with every default, both shadow conditions (decree_ray.bench_folder)
