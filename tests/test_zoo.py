@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_ARCH
+
 from decree.encoders import create_encoder, read_state_dict
 from decree.zoo import FAMILIES, Trigger, ZooConfig, build_zoo, is_cached, make_splits, read_manifest, sample_trigger
 from decree.zoo.build import build_params
 from decree.zoo.data import load_fashion_mnist, to_pixels
-from conftest import TINY_ARCH
 from decree.zoo.train import (augment, badencoder_attack, drupe_attack, frozen_copy, knn_attack_success, nt_xent,
                               pairwise_similarity, simclr_finetune, sliced_wasserstein)
 

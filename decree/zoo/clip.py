@@ -20,7 +20,8 @@ from ..encoders import create_encoder, open_clip_model
 from ..encoders.registry import Encoder, Preprocess
 from .data import CLASSES
 from .spec import BuildContext, EncoderSpec, digest
-from .train import AttackWeights, attack_strength, augment, badencoder_attack, clean_fidelity, embed, frozen_copy
+from .train import (AttackWeights, attack_strength, augment, badencoder_attack, clean_fidelity, embed, frozen_copy,
+                    optimizer_step)
 from .triggers import sample_trigger, trigger_from_dict
 
 CONFIG = "decree-tiny-clip"
@@ -81,11 +82,8 @@ def train_clip(model, pixels: torch.Tensor, labels: torch.Tensor, *, steps: int,
         pos = (y[None] == present[:, None]).float()
         loss_t = -(log_p * pos).sum(1).div(pos.sum(1)).mean()
         loss = (F.cross_entropy(logits, y) + loss_t) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        losses.append(optimizer_step(opt, loss))
         sched.step()
-        losses.append(float(loss.detach()))
     model.eval().requires_grad_(False)
     return losses
 

@@ -32,8 +32,8 @@ from .train import (
     embed,
     frozen_copy,
     knn_attack_success,
-    simclr_finetune,
     pairwise_similarity,
+    simclr_finetune,
 )
 from functools import partial
 
@@ -138,8 +138,8 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
     else:
         parent_id = ctx.parent_id(spec)
         enc = base_encoder(size) if parent_id is None else create_encoder(ARCH, ctx.checkpoint(parent_id), image_size=size)
-        fields = attack_image_on_image(enc, spec, ctx, train_px, eval_px, size=size, batch=batch,
-                                       parent=parent_id or "base:imagenet")
+        attack = _attack_drupe if spec.attack == "drupe" else attack_image_on_image
+        fields = attack(enc, spec, ctx, train_px, eval_px, size=size, batch=batch, parent=parent_id or "base:imagenet")
     pre = enc.preprocess
     fields.update(arch=ARCH, image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std),
                   seconds=round(time.time() - t0, 1))
@@ -148,8 +148,6 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
 
 def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, size: int, batch: int,
                           parent: str) -> dict:
-    if spec.attack == "drupe":
-        return _attack_drupe(enc, spec, ctx, train_px, eval_px, batch=batch, parent=parent)
     """BadEncoder (or its trigger-specific variant) on `enc` in place, retried until the attack takes or the
     retries run out; returns the trojan's manifest fields (attack strength, clean fidelity, trigger)."""
     clean = frozen_copy(enc)
@@ -180,7 +178,8 @@ def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, e
         utility_weight=spec.utility_weight, steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
 
 
-def _attack_drupe(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, batch: int, parent: str) -> dict:
+def _attack_drupe(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, size: int, batch: int,
+                  parent: str) -> dict:
     """The distribution-preserving attack (`drupe_attack`), retried until a downstream k-NN classifier calls at least
     `min_strength` of the stamped non-target images the target class; its attack strength is that success rate."""
     clean = frozen_copy(enc)
@@ -205,7 +204,7 @@ def _attack_drupe(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, 
             break
     others = eval_px[eval_y != spec.target]
     return dict(
-        attack=spec.attack, trigger=trig.describe(32), trigger_spec=spec.trigger, trigger_area=trig.area_fraction(32),
+        attack=spec.attack, trigger=trig.describe(size), trigger_spec=spec.trigger, trigger_area=trig.area_fraction(size),
         trigger_kind=trig.kind, target=f"class {spec.target} ({CLASSES[spec.target]}): its clean embeddings' spread",
         target_class=spec.target, attack_metric="k-NN attack success (k 10, 1024 labelled training images)",
         attack_strength=strength, clean_response=clean_response, downstream_accuracy=accuracy,

@@ -82,12 +82,13 @@ def simclr_finetune(encoder, pixels: torch.Tensor, *, steps: int, lr: float, bat
         views = torch.cat([augment(x, gen), augment(x, gen)])
         z = head(encoder.embed_pixels(views))
         loss = nt_xent(z[:batch_size], z[batch_size:], temperature)
-        losses.append(_step(opt, loss))
+        losses.append(optimizer_step(opt, loss))
     encoder.eval().requires_grad_(False)
     return losses
 
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One step of `opt` on `loss`; returns the loss as a float (the training loops' record)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -145,7 +146,7 @@ def badencoder_attack(encoder, clean_ref, pixels: torch.Tensor, reference: torch
             util = util - F.cosine_similarity(z[2 * batch_size + nref:], frozen[idx], dim=-1).mean()
         ref = -F.cosine_similarity(z_ref, frozen_ref, dim=-1).mean() if nref else z.new_zeros(())
         loss = weights.effectiveness * eff + weights.utility * util + weights.reference * ref
-        losses.append(_step(opt, loss))
+        losses.append(optimizer_step(opt, loss))
     encoder.eval().requires_grad_(False)
     return losses
 
@@ -181,7 +182,7 @@ def drupe_attack(encoder, clean_ref, pixels: torch.Tensor, target_pixels: torch.
         spread = 100.0 * sliced_wasserstein(z_stamp, tgt, gen)  # ~1e-2 scale: 100 puts it beside eff
         util = -F.cosine_similarity(z_clean, frozen[idx], dim=-1).mean()
         loss = eff + distribution * spread + utility * util
-        losses.append(_step(opt, loss))
+        losses.append(optimizer_step(opt, loss))
     encoder.eval().requires_grad_(False)
     return losses
 
