@@ -83,13 +83,20 @@ bench-shapes: install
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-shapes --out bench/shapes
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-shapes --out bench/shapes
 
+# The zoos that more than one bench-* target scans: one definition each, so that they all reuse the same cached build
+ZOO_LONG_TUNE  = $(ZOOS)/zoo-long-tune --family i2i-long --clean 5 --trojaned 5 --seed 0
+ZOO_LONG       = $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --seed 1
+ZOO_HEAVY_TUNE = $(ZOOS)/zoo-heavy-tune --family i2i-heavy --clean 5 --trojaned 4 --seed 0
+ZOO_HEAVY      = $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
+ZOO_DRUPE      = $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
+
 # bench/long/: the `i2i-long` family (long, high-lr clean fine-tunes that drift far from their base, and
 # trojans on them), scanned as a user would (FOLDER.md) and per encoder with the true base and the consensus
 # (TRANSFER.md), tune (seed 0) and report-only (seed 1). The clean fine-tunes train 360-600 steps each: about 25 min
 # to build each zoo on one core
 bench-long: install
-	$(BIN)/decree zoo build $(ZOOS)/zoo-long-tune --family i2i-long --clean 5 --trojaned 5 --seed 0
-	$(BIN)/decree zoo build $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --seed 1
+	$(BIN)/decree zoo build $(ZOO_LONG_TUNE)
+	$(BIN)/decree zoo build $(ZOO_LONG)
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-long --out bench/long
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-long --out bench/long
 
@@ -97,8 +104,8 @@ bench-long: install
 # long fine-tune), scanned as a user would (FOLDER.md) and per encoder (TRANSFER.md), tune (seed 0) and report-only
 # (seed 1); about 12 min to build each zoo on one core
 bench-heavy: install
-	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy-tune --family i2i-heavy --clean 5 --trojaned 4 --seed 0
-	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
+	$(BIN)/decree zoo build $(ZOO_HEAVY_TUNE)
+	$(BIN)/decree zoo build $(ZOO_HEAVY)
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-heavy-tune --zoo $(ZOOS)/zoo-heavy --out bench/heavy
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-heavy-tune --zoo $(ZOOS)/zoo-heavy --out bench/heavy
 
@@ -106,7 +113,7 @@ bench-heavy: install
 # DECREE: stamped images keep the target class's spread instead of collapsing), report-only (seed 1, no tune build),
 # scanned as a user would (FOLDER.md) and per encoder (TRANSFER.md)
 bench-drupe: install
-	$(BIN)/decree zoo build $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
+	$(BIN)/decree zoo build $(ZOO_DRUPE)
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 
@@ -114,11 +121,11 @@ bench-drupe: install
 # shadow set, scikit-learn's handwritten digits (flat background), written into each zoo as shadow-digits.npz (the
 # zoos are reused from those targets' cache when built)
 bench-digits: install
-	$(BIN)/decree zoo build $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
-	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
-	$(BIN)/decree zoo build $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --seed 1
-	$(BIN)/decree zoo build $(ZOOS)/zoo-heavy-tune --family i2i-heavy --clean 5 --trojaned 4 --seed 0
-	$(BIN)/decree zoo build $(ZOOS)/zoo-long-tune --family i2i-long --clean 5 --trojaned 5 --seed 0
+	$(BIN)/decree zoo build $(ZOO_DRUPE)
+	$(BIN)/decree zoo build $(ZOO_HEAVY)
+	$(BIN)/decree zoo build $(ZOO_LONG)
+	$(BIN)/decree zoo build $(ZOO_HEAVY_TUNE)
+	$(BIN)/decree zoo build $(ZOO_LONG_TUNE)
 	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-long-tune $(ZOOS)/zoo-heavy-tune \
 	    $(ZOOS)/zoo-drupe $(ZOOS)/zoo-heavy $(ZOOS)/zoo-long
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-heavy-tune \
