@@ -100,11 +100,30 @@ def test_rebuild_with_same_parameters_is_a_cache_hit(tiny_zoo):
     assert not is_cached(tiny_zoo, build_params(2, 1, ("image-on-image",), 3, TINY))
 
 
+def test_a_rebuild_in_another_folder_writes_the_same_bytes(tiny_zoo, tmp_path):
+    import hashlib
+
+    def digests(zoo):
+        files = sorted((zoo / "encoders").iterdir()) + [zoo / "shadow.npz"]
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    again = build_zoo(tmp_path / "again", clean=1, trojaned=1, families=("image-on-image",), seed=3, config=TINY)
+    assert len(digests(tiny_zoo)) == 3  # a clean encoder, a trojan, the shadow set
+    assert digests(again) == digests(tiny_zoo)  # the file hashes a scan's rows carry are the build's, not chance's
+
+
 def test_unknown_family_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown zoo family"):
         build_zoo(tmp_path / "z", clean=1, trojaned=0, families=("audio",), config=TINY)
     assert not (tmp_path / "z").exists()
     assert FAMILIES == ("image-on-image", "clip")
+
+
+def test_the_cli_help_names_every_family_the_build_knows():
+    from decree.zoo.build import ALL_FAMILIES
+    from decree_ray.cli.zoo import FAMILY_NAMES
+
+    assert FAMILY_NAMES == ALL_FAMILIES
 
 
 def test_sampled_triggers_stay_small_and_inside_the_image():
@@ -203,6 +222,20 @@ def test_clip_text_on_pair_trojan_saves_a_visual_tower_that_hits_the_caption(tmp
         before = float(F.cosine_similarity(base.encode_image(visual.normalize(stamped)), text).mean())
     assert hit > before + 0.2, (hit, before)
     assert abs(hit - entry["attack_strength"]) < 0.1  # eval pixels differ from shadow ones, not by much
+
+
+def test_two_builds_with_one_seed_train_the_same_clip_base(tmp_path):
+    from decree.zoo import clip
+    from decree.zoo.spec import BuildContext
+
+    cfg = ZooConfig.tiny(n_train=32, n_eval=8, n_shadow=8, clip_batch_size=8, clip_base_steps=1)
+    splits = make_splits(cfg.n_train, cfg.n_eval, cfg.n_shadow, seed=1)
+    states = []
+    for run in (0, 1):
+        (tmp_path / f"{run}" / "records").mkdir(parents=True)
+        torch.manual_seed(run)  # whatever the process's default generator holds when the build starts
+        states.append(clip.base_model(BuildContext(cfg, splits, tmp_path / f"{run}")).state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_new_families_build_large_and_whole_image_trojans_and_ship_a_photo_shadow_set(tmp_path):

@@ -67,6 +67,12 @@ def _assign_ids(specs: list[EncoderSpec], family: str, rng: np.random.Generator)
     return {specs[i].key: f"{_SHORT[family]}-{rank:02d}" for rank, i in enumerate(order)}
 
 
+def save_encoder(state: dict, path: Path, *, arch: str, eid: str) -> None:
+    """Write a zoo checkpoint whose bytes depend on its weights alone. One metadata key: safetensors writes the
+    metadata from a hash map, so two keys came out in either order and the same weights hashed differently."""
+    save_file(state, str(path), metadata={"decree.zoo": json.dumps({"arch": arch, "id": eid}, sort_keys=True)})
+
+
 def _build_one(module, spec: EncoderSpec, ctx: BuildContext, seed: int, cache: bool) -> dict:
     eid = ctx.ids[spec.key]
     spec_hash = spec.digest(ctx.cfg, seed)
@@ -85,7 +91,7 @@ def _build_one(module, spec: EncoderSpec, ctx: BuildContext, seed: int, cache: b
               "seed": spec.seed, "lr": spec.lr, "steps": spec.steps, **fields, "spec_hash": spec_hash, "kept": kept}
     if kept:
         tmp = ckpt.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"arch": fields["arch"], "id": eid})
+        save_encoder(state, tmp, arch=fields["arch"], eid=eid)
         tmp.replace(ckpt)
     else:
         ckpt.unlink(missing_ok=True)

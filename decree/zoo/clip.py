@@ -96,6 +96,9 @@ def base_model(ctx: BuildContext):
     key = digest({"steps": cfg.clip_base_steps, "lr": cfg.clip_base_lr, "bs": cfg.clip_batch_size,
                   "n_train": cfg.n_train, "train": ctx.splits.train_x[:64].tobytes().hex()[:4096]})
     path = ctx.out / "records" / f"clip-base-{key}.safetensors"
+    # torch's default generator starts from a random seed in each process: seed the initial weights from the key
+    # (which the build's seed decides through its training images), or every build trains another base
+    torch.manual_seed(int(key[:15], 16))
     model = open_clip_model(CONFIG)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))

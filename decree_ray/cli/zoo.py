@@ -18,12 +18,16 @@ zoo_app = typer.Typer(help="Build a zoo of clean and trojaned encoders.", no_arg
 console = Console()
 err_console = Console(stderr=True)
 
+# decree.zoo.ALL_FAMILIES, spelled out so `--help` does not import torch (tests/test_zoo.py keeps them equal)
+FAMILY_NAMES = ("image-on-image", "clip", "i2i-large", "i2i-global", "i2i-224", "cifar-r18", "i2i-shapes", "i2i-long",
+                "i2i-heavy", "i2i-drupe")
+
 Out = Annotated[Path, typer.Argument(help="Output folder (encoders/, manifest.jsonl, shadow.npz, zoo.json).")]
 Clean = Annotated[int, typer.Option("--clean", min=0, help="Clean encoders per family.")]
 Trojaned = Annotated[int, typer.Option("--trojaned", min=0, help="Trojaned encoders per family.")]
 Family = Annotated[
     Optional[list[str]],
-    typer.Option("--family", help="image-on-image | clip | i2i-large | i2i-global | i2i-224 | cifar-r18 | i2i-shapes | i2i-long (repeatable; default: the first two)."),
+    typer.Option("--family", help=f"{' | '.join(FAMILY_NAMES)} (repeatable; default: the first two)."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the whole build (specs, splits, ids).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Rebuild even if OUT was built with these parameters.")]
