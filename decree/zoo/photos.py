@@ -84,8 +84,9 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--size", type=int, default=32)
     a = p.parse_args(argv)
+    x = digit_images(a.n, a.size, seed=0)  # the same images in every zoo
     for zoo in a.zoo:
-        np.savez_compressed(zoo / DIGITS_SHADOW, x=digit_images(a.n, a.size, seed=0))
+        np.savez_compressed(zoo / DIGITS_SHADOW, x=x)
     print(json.dumps({"wrote": [str(z / DIGITS_SHADOW) for z in a.zoo]}))
 
 
