@@ -132,7 +132,7 @@ bench-digits: install
 	    --zoo $(ZOOS)/zoo-drupe --zoo $(ZOOS)/zoo-heavy --zoo $(ZOOS)/zoo-long --shadow shadow-digits.npz --out bench/digits
 
 # bench/seed2/: a third build (seed 2, report-only) of the four best-known Lite0 families, scanned once as a user would
-# with the three shadow sets; declared in bench/README.md before its scan, never tuned on (about 25 min to build)
+# with the three shadow sets; declared in bench/README.md before its scan, never tuned on (40 min to build on 2 cores)
 ZOO_SEED2 = $(ZOOS)/zoo-seed2 --family image-on-image --family i2i-large --family i2i-global --family i2i-shapes \
             --clean 6 --trojaned 8 --seed 2
 bench-seed2: install
