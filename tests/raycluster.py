@@ -8,8 +8,12 @@ import os
 import signal
 import socket
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 
 def free_ports(n: int) -> list[int]:
@@ -21,6 +25,30 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextmanager
+def ray_auth_mode(mode: str) -> Iterator[None]:
+    """This process's Ray client in another RAY_AUTH_MODE, and back. Ray reads the mode into its RayConfig and caches
+    the token once per process, so without the resets a test's cluster depends on which test started Ray first: a
+    client still in token mode gets its actors cancelled by a head without tokens, and the next default head's GCS
+    refuses a client left in "disabled" (InvalidAuthToken). Ray's own tests reset both the same way."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    def reset() -> None:
+        Config.initialize("")  # the config first: a draining client thread must not reload the token in the old mode
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", mode)
+        reset()
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    reset()
 
 
 def kill_session(sid: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_OVERRIDES, TINY_ARCH, write_encoder
-from raycluster import free_ports, kill_node_processes, kill_session
+from raycluster import free_ports, kill_node_processes, kill_session, ray_auth_mode
 
 from decree_ray import results as results_mod
 from decree_ray.job import JobConfig, JobError, run_job
@@ -101,8 +101,7 @@ def autoscaling_head(tmp_path):
     )
     head = AutoscalingHead(proc, gcs, f"http://127.0.0.1:{dash_port}", env)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RAY_AUTH_MODE", "disabled")
+        with ray_auth_mode("disabled"):
             deadline = time.monotonic() + 120
             while True:
                 try:
