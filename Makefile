@@ -52,9 +52,9 @@ ZOOS       ?= $(HOME)/.cache/decree
 BENCH_ARGS ?= --zoo $(ZOOS)/zoo-tune --zoo $(ZOOS)/zoo-report --zoo $(ZOOS)/zoo-224 --zoo $(ZOOS)/zoo-cifar \
               --zoo $(ZOOS)/zoo-cifar-tune --zoo $(ZOOS)/zoo-clip-tune \
               --shadows all --paper-max-steps 200 --paper-max-size 64 --paper-skip-arch cifar/
+ZOO_TUNE = $(ZOOS)/zoo-tune --family image-on-image --family i2i-large --family i2i-global --clean 6 --trojaned 8 --seed 0
 bench-zoos: install
-	$(BIN)/decree zoo build $(ZOOS)/zoo-tune --family image-on-image --family i2i-large --family i2i-global \
-	    --clean 6 --trojaned 8 --seed 0
+	$(BIN)/decree zoo build $(ZOO_TUNE)
 	$(BIN)/decree zoo build $(ZOOS)/zoo-report --family image-on-image --family i2i-large --family i2i-global \
 	    --family clip --clean 6 --trojaned 8 --seed 1
 	$(BIN)/decree zoo build $(ZOOS)/zoo-224 --family i2i-224 --clean 4 --trojaned 4 --seed 1
@@ -117,7 +117,7 @@ bench-drupe: install
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 
-# bench/digits/: the zoos of bench-drupe, bench-heavy and bench-long (tune and report-only) scanned as a user would with a third
+# bench/digits/: the zoos of bench-drupe, bench-heavy, bench-long (tune and report-only) and the tune zoo-tune scanned as a user would with a third
 # shadow set, scikit-learn's handwritten digits (flat background), written into each zoo as shadow-digits.npz (the
 # zoos are reused from those targets' cache when built)
 bench-digits: install
@@ -126,10 +126,12 @@ bench-digits: install
 	$(BIN)/decree zoo build $(ZOO_LONG)
 	$(BIN)/decree zoo build $(ZOO_HEAVY_TUNE)
 	$(BIN)/decree zoo build $(ZOO_LONG_TUNE)
+	$(BIN)/decree zoo build $(ZOO_TUNE)
 	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-long-tune $(ZOOS)/zoo-heavy-tune \
-	    $(ZOOS)/zoo-drupe $(ZOOS)/zoo-heavy $(ZOOS)/zoo-long
+	    $(ZOOS)/zoo-tune $(ZOOS)/zoo-drupe $(ZOOS)/zoo-heavy $(ZOOS)/zoo-long
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-long-tune --zoo $(ZOOS)/zoo-heavy-tune \
-	    --zoo $(ZOOS)/zoo-drupe --zoo $(ZOOS)/zoo-heavy --zoo $(ZOOS)/zoo-long --shadow shadow-digits.npz --out bench/digits
+	    --zoo $(ZOOS)/zoo-tune --zoo $(ZOOS)/zoo-drupe --zoo $(ZOOS)/zoo-heavy --zoo $(ZOOS)/zoo-long \
+	    --shadow shadow-digits.npz --out bench/digits
 
 # bench/seed2/: a third build (seed 2, report-only) of the four best-known Lite0 families, scanned once as a user would
 # with the three shadow sets; declared in bench/README.md before its scan, never tuned on (40 min to build on 2 cores)
