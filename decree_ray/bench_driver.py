@@ -72,7 +72,7 @@ def _child(n: int, workers: int) -> None:
         np.savez(tmp_path / "shadow.npz", x=np.zeros((4, 8, 8, 3), dtype=np.uint8))
         config = JobConfig(source=str(tmp_path / "manifest.jsonl"), shadow=str(tmp_path / "shadow.npz"),
                            out=str(tmp_path / "out"), num_workers=workers, evidence=False, timeout=600)
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         try:
             rss0 = _rss_mib()
             job = _Job(config, NullReporter(), worker_cls=NullWorker)

@@ -237,7 +237,7 @@ def run(n: int, keys: int, steps: int = 1, workers: int = 2) -> dict:
         print("[bench] plain loop ...", flush=True)
         plain = _plain_loop(endpoint, n, steps)
         t0 = time.perf_counter()
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
         try:
             for w, prefetch in ((1, 1), (1, 0), (workers, 1)):

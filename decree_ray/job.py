@@ -52,7 +52,9 @@ def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
         elif os.environ.get("RAY_ADDRESS"):  # inside `decree submit`: the job's own cluster
             ray.init(log_to_driver=False)
         else:
-            ray.init(num_cpus=config.local_cpus, include_dashboard=False, log_to_driver=False)
+            # "local": our own instance even where `ray start` left its address in /tmp/ray (a head node, a dev box);
+            # a bare ray.init() would join that cluster, and refuse num_cpus there
+            ray.init(address="local", num_cpus=config.local_cpus, include_dashboard=False, log_to_driver=False)
             embedded = True
         started = True
     try:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 from conftest import FAST_OVERRIDES, TINY_ARCH, write_encoder
+from raycluster import free_ports, kill_session
 
 from decree_ray import results as results_mod
 from decree_ray.job import JobConfig, run_job
@@ -84,3 +93,44 @@ def test_a_local_out_on_a_multi_node_cluster_gets_every_evidence_png_from_the_dr
             path = r[column]
             assert path and path.startswith(str(out / "evidence")), (column, path)
             assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_scan_without_an_address_starts_its_own_ray_beside_a_running_ray_start_head(zoo, tmp_path):
+    """`ray start --head` leaves its address in $RAY_TMPDIR/ray/ray_current_cluster (a head node, a dev box with a
+    local cluster), and a bare ray.init() joins that cluster and refuses num_cpus there. `decree scan` without
+    --address promises an embedded Ray: it must start its own and scan, not fail or use someone else's cluster."""
+    venv_bin = Path(sys.executable).parent
+    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    (port,) = free_ports(1)
+    head = subprocess.Popen(  # stopped in the finally below, with its whole session
+        [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not address_file.is_file():
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        out = tmp_path / "out"
+        scan = subprocess.run(
+            [sys.executable, "-m", "decree_ray.cli", "scan", str(zoo / "manifest.jsonl"), "--shadow",
+             str(zoo / "shadow.npz"), "--out", str(out), "--steps", "3", "--local-cpus", "1", "--no-consensus"],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+        assert scan.returncode in (0, 1), scan.stdout[-2000:] + scan.stderr[-2000:]
+        assert "Connecting to existing Ray cluster" not in scan.stderr
+        rows = results_mod.load_rows(str(out))
+        assert len(rows) == len(zoo.joinpath("manifest.jsonl").read_text().splitlines())
+        assert head.poll() is None  # the user's cluster is left running
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_session(head.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

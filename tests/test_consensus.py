@@ -201,7 +201,7 @@ def test_a_scan_builds_a_consensus_by_default_and_compares_only_the_fine_tunes_o
                          overrides=FAST_OVERRIDES, num_workers=1, **kw)
 
     fleet = _fleet(zoo, tmp_path / "fleet")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = run_job(config(fleet, tmp_path / "out"))
         assert len(summary.consensus[TINY_ARCH]) == 5  # every listed encoder (up to 9) is a candidate

@@ -121,7 +121,7 @@ def _objects(client, bucket, prefix):
 def local_ray(moto_server):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
