@@ -51,6 +51,19 @@ def ray_auth_mode(mode: str) -> Iterator[None]:
     reset()
 
 
+def stop_head(proc, wait: float = 30) -> None:
+    """Stop a `ray start --head --block` started in its own session: --block stops what it started on SIGTERM, and
+    whatever is left of the session is killed."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_session(proc.pid)
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL every process of one session (a `ray start --block` and all it spawned)."""
     for proc in Path("/proc").iterdir():

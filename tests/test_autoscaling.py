@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_OVERRIDES, TINY_ARCH, write_encoder
-from raycluster import free_ports, kill_node_processes, kill_session, ray_auth_mode
+from raycluster import free_ports, kill_node_processes, ray_auth_mode, stop_head
 
 from decree_ray import results as results_mod
 from decree_ray.job import JobConfig, JobError, run_job
@@ -115,12 +115,7 @@ def autoscaling_head(tmp_path):
             yield head
     finally:
         ray.shutdown()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_session(proc.pid)
+        stop_head(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_OVERRIDES, TINY_ARCH, write_encoder
-from raycluster import free_ports, kill_session
+from raycluster import free_ports, stop_head
 
 from decree_ray import results as results_mod
 from decree_ray.job import JobConfig, run_job
@@ -127,10 +127,5 @@ def test_a_scan_without_an_address_starts_its_own_ray_beside_a_running_ray_start
         assert len(rows) == len(zoo.joinpath("manifest.jsonl").read_text().splitlines())
         assert head.poll() is None  # the user's cluster is left running
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_session(head.pid)
+        stop_head(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
