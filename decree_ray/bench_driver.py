@@ -60,7 +60,7 @@ def _child(n: int, workers: int) -> None:
     import numpy as np
     import ray
 
-    from .job import JobConfig, _Job
+    from .job import JobConfig, _Job, init_local_ray
     from .progress import NullReporter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def _child(n: int, workers: int) -> None:
         np.savez(tmp_path / "shadow.npz", x=np.zeros((4, 8, 8, 3), dtype=np.uint8))
         config = JobConfig(source=str(tmp_path / "manifest.jsonl"), shadow=str(tmp_path / "shadow.npz"),
                            out=str(tmp_path / "out"), num_workers=workers, evidence=False, timeout=600)
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        init_local_ray(workers)
         try:
             rss0 = _rss_mib()
             job = _Job(config, NullReporter(), worker_cls=NullWorker)

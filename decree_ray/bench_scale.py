@@ -224,6 +224,7 @@ def _listing(endpoint: str) -> dict:
 def run(n: int, keys: int, steps: int = 1, workers: int = 2) -> dict:
     import ray
 
+    from .job import init_local_ray
     from .storage import S3Options, s3_client
 
     os.environ.update(_ENV)  # this process, its Ray workers and children only
@@ -237,7 +238,7 @@ def run(n: int, keys: int, steps: int = 1, workers: int = 2) -> dict:
         print("[bench] plain loop ...", flush=True)
         plain = _plain_loop(endpoint, n, steps)
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        init_local_ray(workers)
         ray_start = time.perf_counter() - t0
         try:
             for w, prefetch in ((1, 1), (1, 0), (workers, 1)):

@@ -37,6 +37,14 @@ from .slots import Actors, Call, Slot, scan_settings
 from .worker import error_row, write_evidence
 
 
+def init_local_ray(num_cpus: int) -> None:
+    """Start an embedded Ray of this process's own. "local": even where `ray start` left its address in /tmp/ray (a
+    head node, a dev box), where a bare ray.init() would join that cluster (and refuse num_cpus there)."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
 def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
     """Connect to Ray (embedded local when no address), run the scan, shut Ray down if we started it."""
     import ray
@@ -52,9 +60,7 @@ def run_job(config: JobConfig, reporter: Reporter | None = None) -> JobSummary:
         elif os.environ.get("RAY_ADDRESS"):  # inside `decree submit`: the job's own cluster
             ray.init(log_to_driver=False)
         else:
-            # "local": our own instance even where `ray start` left its address in /tmp/ray (a head node, a dev box);
-            # a bare ray.init() would join that cluster, and refuse num_cpus there
-            ray.init(address="local", num_cpus=config.local_cpus, include_dashboard=False, log_to_driver=False)
+            init_local_ray(config.local_cpus)
             embedded = True
         started = True
     try:

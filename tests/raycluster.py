@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,11 +52,9 @@ def ray_auth_mode(mode: str) -> Iterator[None]:
     reset()
 
 
-def stop_head(proc, wait: float = 30) -> None:
+def stop_head(proc: subprocess.Popen, wait: float = 30) -> None:
     """Stop a `ray start --head --block` started in its own session: --block stops what it started on SIGTERM, and
     whatever is left of the session is killed."""
-    import subprocess
-
     proc.terminate()
     try:
         proc.wait(timeout=wait)

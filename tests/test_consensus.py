@@ -194,14 +194,14 @@ def test_a_scan_builds_a_consensus_by_default_and_compares_only_the_fine_tunes_o
     from faults.zoo import TINY_ARCH
 
     from decree_ray import results as results_mod
-    from decree_ray.job import JobConfig, JobError, run_job
+    from decree_ray.job import JobConfig, JobError, init_local_ray, run_job
 
     def config(src, out, **kw):
         return JobConfig(source=str(src), shadow=str(zoo / "shadow.npz"), out=str(out), steps=3, arch=TINY_ARCH,
                          overrides=FAST_OVERRIDES, num_workers=1, **kw)
 
     fleet = _fleet(zoo, tmp_path / "fleet")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(2)
     try:
         summary = run_job(config(fleet, tmp_path / "out"))
         assert len(summary.consensus[TINY_ARCH]) == 5  # every listed encoder (up to 9) is a candidate

@@ -25,7 +25,7 @@ import yaml
 from typer.testing import CliRunner
 from raycluster import Head
 from raycluster import free_ports as _free_ports
-from raycluster import kill_session as _kill_session
+from raycluster import stop_head
 
 try:
     import tomllib
@@ -292,12 +292,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         yield head
     finally:
-        proc.terminate()  # --block: Ray stops the processes it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        _kill_session(proc.pid)
+        stop_head(proc, wait=60)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

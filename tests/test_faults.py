@@ -30,7 +30,7 @@ from faults.zoo import TINY_ARCH, TINY_SIZE, make_zoo, write_encoder
 from decree_ray import job as job_mod
 from decree_ray.bases import resolve
 from decree_ray import results as results_mod
-from decree_ray.job import JobConfig, JobError, run_job
+from decree_ray.job import JobConfig, JobError, init_local_ray, run_job
 from decree_ray.storage import DEFAULT_S3, S3Options, s3_client
 from decree_ray.worker import ScanWorker
 
@@ -121,7 +121,7 @@ def _objects(client, bucket, prefix):
 def local_ray(moto_server):
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(2)
     yield ray
     ray.shutdown()
 

@@ -12,7 +12,7 @@ from conftest import FAST_OVERRIDES, TINY_ARCH, TINY_SIZE, upload_folder, write_
 from safetensors.torch import load_file, save_file
 
 from decree_ray import results as results_mod
-from decree_ray.job import JobConfig, JobError, run_job
+from decree_ray.job import JobConfig, JobError, init_local_ray, run_job
 from decree_ray.progress import Reporter
 from decree_ray.schema import VOLATILE_COLUMNS
 
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.ray]
 def local_ray(moto_server):
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(2)
     yield
     ray.shutdown()
 
