@@ -36,11 +36,12 @@ demo: install
 report-screenshot: install
 	$(BIN)/python tests/browser.py $(DEMO)/out/report.html docs/report.png
 
+# -X faulthandler: a crash prints where it happened, in any thread, even after pytest's summary (tests/exit_guard.py)
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -X faulthandler -m pytest -q tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	$(BIN)/python -X faulthandler -m pytest -q tests -m "not slow"
 
 bench: bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-digits bench-seed2 bench-folder bench-scale bench-memory
 

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from exit_guard import pytest_sessionfinish, pytest_unconfigure  # noqa: F401 - hooks: see exit_guard's docstring
 from faults.zoo import TINY_ARCH, TINY_SIZE, make_zoo, write_encoder  # noqa: F401 - re-exported to tests
 from hypothesis import settings
 
