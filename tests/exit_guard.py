@@ -7,9 +7,11 @@ down under them, and that can segfault (grpc/grpc#11804, ray-project/ray#31145, 
 passed" and then `make: *** [test] Segmentation fault`, exit 2, so nothing landed although every test passed.
 
 Nothing is left to do in this process at that point: the summary is printed, tmp_path folders are cleaned, the
-moto server and every Ray are stopped. So the process ends there with os._exit and the exit status pytest
-computed (1 when a test failed, which tests/test_exit_guard.py checks). A crash anywhere earlier still shows:
-`make test` runs Python with -X faulthandler.
+moto server and every Ray are stopped. So the first pytest_unconfigure ends the process with os._exit and the
+exit status pytest computed (1 when a test failed, which tests/test_exit_guard.py checks), before the other
+plugins' unconfigure too: the unraisable-exception plugin's gc.collect() there would free Ray's clients under
+the same threads. An interrupted run (Ctrl-C) exits as usual, so that its traceback, printed at unconfigure,
+still shows. A crash anywhere earlier still shows where: `make test` runs Python with -X faulthandler.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _status = int(exitstatus)
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _status is None or "ray._raylet" not in sys.modules:
-        return  # no session ran (usage error), or no Ray: the interpreter's own exit is safe
+    if _status in (None, pytest.ExitCode.INTERRUPTED) or "ray._raylet" not in sys.modules:
+        return  # no session ran (usage error), Ctrl-C, or no Ray: the interpreter's own exit
     import ray
 
     if ray.is_initialized():  # a test that left its Ray up: stop its processes, as Ray's atexit hook would have

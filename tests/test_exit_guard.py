@@ -24,6 +24,8 @@ atexit.register(_mark)
 
 def test_outcome():
     print("the test's own output")
+    if os.environ["OUTCOME"] == "interrupt":
+        raise KeyboardInterrupt
     assert os.environ["OUTCOME"] == "pass"
 """
 
@@ -51,3 +53,10 @@ def test_a_process_without_ray_exits_through_the_interpreter_as_usual(tmp_path):
     proc, mark = _run(tmp_path, "fail", with_ray=False)
     assert proc.returncode == 1 and "1 failed" in proc.stdout
     assert mark.read_text() == "the interpreter's exit ran"
+
+
+def test_an_interrupted_run_still_prints_its_traceback_and_exits_through_the_interpreter(tmp_path):
+    proc, mark = _run(tmp_path, "interrupt", with_ray=True)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED
+    assert "KeyboardInterrupt" in proc.stdout + proc.stderr  # the terminal reporter prints it at unconfigure
+    assert mark.exists()
