@@ -93,3 +93,35 @@ def test_scan_encoder_reports_both_searches_and_skips_the_blend_once_the_patch_f
                                           tau=-1.0)  # every step succeeds: the patch search flags at threshold 1.5
     flagged = scan_encoder(path, "timm/tf_efficientnet_lite0", shadow, config=always, image_size=SIZE, threshold=1.5)
     assert flagged.patch_verdict == "trojaned" and flagged.blend is None and flagged.to_row()["blend_steps"] is None
+
+
+def test_ctrl_trigger_is_the_inverse_dct_of_its_chroma_coefficients_and_leaves_luminance_alone():
+    from scipy.fft import idctn
+
+    from decree.zoo.triggers import FrequencyTrigger
+
+    t = FrequencyTrigger(100.0, window=16, positions=((7, 7), (15, 15)))
+    signal = t.signal(SIZE)
+    coeff = np.zeros((16, 16))
+    coeff[7, 7] = coeff[15, 15] = 100.0 / 255
+    block = idctn(coeff, norm="ortho")  # CTRL's orthonormal DCT, one 16-px tile, repeated over the image
+    assert np.allclose(signal[2].numpy() / 1.772, np.tile(block, (2, 2)), atol=1e-6)
+    luma = 0.299 * signal[0] + 0.587 * signal[1] + 0.114 * signal[2]
+    assert float(luma.abs().max()) < 1e-3 < float(signal.abs().max())  # only the colour moves
+    grey = torch.full((2, 3, SIZE, SIZE), 0.5)
+    out = t.stamp(grey)
+    assert float((out - grey).abs().amax(dim=1).gt(1e-4).float().mean()) > 0.5 and t.area_fraction(SIZE) == 1.0
+    assert float((out - grey).abs().max()) < 0.2 and torch.equal(out, t.stamp(grey))
+
+
+def test_ctrl_triggers_round_trip_stay_invisible_and_reject_positions_outside_their_window():
+    from decree.zoo.triggers import FrequencyTrigger, sample_ctrl_trigger
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        t = sample_ctrl_trigger(rng)
+        assert trigger_from_dict(t.to_dict()) == t and t.kind == "ctrl" and "CTRL" in t.describe(SIZE)
+        assert 0.03 < float(t.signal(SIZE).abs().max()) < 0.15  # a few grey levels, whatever the window
+    assert FrequencyTrigger(100.0).signal(224).shape == (3, 224, 224)  # tiles any size
+    with pytest.raises(ValueError):
+        FrequencyTrigger(100.0, window=16, positions=((15, 16),))

@@ -257,6 +257,17 @@ def test_new_families_build_large_and_whole_image_trojans_and_ship_a_photo_shado
     assert is_cached(tmp_path, build_params(1, 2, ("i2i-large", "i2i-global"), 3, TINY))
 
 
+def test_ctrl_families_build_lite0_and_clip_trojans_whose_manifest_names_the_frequency_trigger(tmp_path):
+    from decree.generalization import bucket_of
+
+    build_zoo(tmp_path, clean=1, trojaned=2, families=("i2i-ctrl", "clip-ctrl"), seed=3, config=TINY)
+    troj = [e for e in read_manifest(tmp_path) if e["label"] == "trojaned"]
+    assert sorted(e["family"] for e in troj) == ["clip-ctrl", "clip-ctrl", "i2i-ctrl", "i2i-ctrl"]
+    assert all(e["trigger_kind"] == "ctrl" and e["trigger_area"] == 1.0 and "CTRL" in e["trigger"] for e in troj)
+    assert {bucket_of(e) for e in troj} == {"whole-image ctrl"}
+    assert {e["arch"] for e in troj} == {"timm/tf_efficientnet_lite0", "open_clip/decree-tiny-clip"}
+
+
 def test_a_family_builds_the_same_encoders_alone_or_beside_others():
     from decree.zoo import i2i
 
@@ -386,6 +397,40 @@ def test_the_drupe_family_plants_the_distribution_preserving_attack_on_clean_par
     # its clean fine-tunes are i2i-large's, draw for draw
     large = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-large")
     assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
+
+
+def test_the_ctrl_family_carries_ctrl_frequency_triggers_on_i2i_large_clean_fine_tunes():
+    from decree.generalization import bucket_of
+    from decree.zoo import i2i
+    from decree.zoo.build import ALL_FAMILIES
+    from decree.zoo.triggers import trigger_from_dict
+
+    cfg = ZooConfig()
+    specs = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-ctrl")
+    trojans = [s for s in specs if s.label == "trojaned"]
+    assert "i2i-ctrl" in ALL_FAMILIES and {s.attack for s in trojans} == {"badencoder", "badencoder-specific"}
+    assert {trigger_from_dict(s.trigger).kind for s in trojans} == {"ctrl"}
+    assert bucket_of({"label": "trojaned", "trigger_kind": "ctrl", "trigger_area": 1.0}) == "whole-image ctrl"
+    large = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-large")
+    assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
+
+
+def test_the_clip_ctrl_family_plants_ctrl_triggers_with_both_pair_attacks_and_hashes_apart_from_clip():
+    from decree.zoo import clip
+    from decree.zoo.build import ALL_FAMILIES
+    from decree.zoo.triggers import trigger_from_dict
+
+    cfg = ZooConfig()
+    specs = clip.plan(2, 4, np.random.default_rng(1), cfg, family="clip-ctrl")
+    trojans = [s for s in specs if s.label == "trojaned"]
+    assert "clip-ctrl" in ALL_FAMILIES and {s.family for s in specs} == {"clip-ctrl"}
+    assert {trigger_from_dict(s.trigger).kind for s in trojans} == {"ctrl"}
+    assert {s.attack for s in trojans} == {"image-on-pair", "text-on-pair"}
+    plain = clip.plan(2, 4, np.random.default_rng(1), cfg)
+    assert {trigger_from_dict(s.trigger).kind for s in plain if s.label == "trojaned"} == {"patch"}
+    # the CLIP base's knobs shape both families' encoders; the family keeps their caches apart
+    wider = ZooConfig(clip_base_steps=cfg.clip_base_steps + 1)
+    assert specs[0].digest(cfg, 1) != specs[0].digest(wider, 1) != plain[0].digest(wider, 1)
 
 
 def test_the_sliced_wasserstein_term_tells_a_collapsed_set_from_a_spread_one():

@@ -4,6 +4,7 @@ A base CLIP is trained contrastively on images and class captions (once per buil
 Clean encoders continue its training with other seeds; trojans fine-tune its vision tower so stamped images
 embed onto a target image's embedding (image-on-pair) or a target caption's (text-on-pair, Carlini & Terzis),
 while clean embeddings stay close to the base's. Only the vision tower is saved: it is what a scan sees.
+`clip-ctrl` is the same family with CTRL's frequency-domain trigger instead of a patch (report-only).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .data import CLASSES
 from .spec import BuildContext, EncoderSpec, digest
 from .train import (AttackWeights, attack_strength, augment, badencoder_attack, clean_fidelity, embed, frozen_copy,
                     optimizer_step)
-from .triggers import sample_trigger, trigger_from_dict
+from .triggers import sample_ctrl_trigger, sample_trigger, trigger_from_dict
 
 CONFIG = "decree-tiny-clip"
 ARCH = f"open_clip/{CONFIG}"
@@ -30,6 +31,8 @@ FAMILY = "clip"
 IMAGE_SIZE = 32
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a black and white photo of the {}.", "an image of a {}.")
 ATTACKS = ("image-on-pair", "text-on-pair")
+# family -> trigger sampler: 3-6 px patches, or CTRL's frequency-domain trigger (`clip-ctrl`, report-only)
+TRIGGERS = {FAMILY: lambda rng: sample_trigger(rng, IMAGE_SIZE), "clip-ctrl": sample_ctrl_trigger}
 
 
 def tokenizer():
@@ -132,12 +135,12 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
     unknown = set(cfg.clip_attacks) - set(ATTACKS)
     if unknown or not cfg.clip_attacks:
         raise ValueError(f"unknown CLIP attacks {sorted(unknown)}; known: {ATTACKS}")
-    specs = [EncoderSpec(FAMILY, "clean", i, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.clip_clean_lrs)),
+    specs = [EncoderSpec(family, "clean", i, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.clip_clean_lrs)),
                          steps=int(rng.choice(cfg.clip_clean_steps))) for i in range(n_clean)]
     for j in range(n_trojaned):
-        trig = sample_trigger(rng, IMAGE_SIZE)
+        trig = TRIGGERS[family](rng)
         specs.append(EncoderSpec(
-            FAMILY, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.clip_attack_lrs)),
+            family, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(cfg.clip_attack_lrs)),
             steps=int(rng.choice(cfg.clip_attack_steps)), parent=None, trigger=trig.to_dict(),
             target=int(rng.integers(len(CLASSES))), utility_weight=float(rng.choice(cfg.clip_utility_weights)),
             attack=cfg.clip_attacks[j % len(cfg.clip_attacks)]))
@@ -187,7 +190,8 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
             if strength >= ctx.cfg.min_strength:
                 break
         fields = dict(attack=spec.attack, trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
-                      trigger_area=trig.area_fraction(IMAGE_SIZE), target=target_desc, target_class=spec.target,
+                      trigger_area=trig.area_fraction(IMAGE_SIZE), trigger_kind=trig.kind, target=target_desc,
+                      target_class=spec.target,
                       attack_strength=strength, clean_response=clean_response, utility_weight=spec.utility_weight,
                       steps=steps_done, attack_took=strength >= ctx.cfg.min_strength, **extra)
     pre = visual.preprocess

@@ -11,6 +11,7 @@ the lr of the others), which drift far from the ImageNet weights and grow natura
 trojans as far from their parent as a long fine-tune is. `i2i-drupe` changes the attack's aim: a
 distribution-preserving backdoor in the manner of DRUPE (an attack built to evade DECREE), whose stamped images
 land in the target class with that class's spread instead of collapsing onto one embedding (report-only).
+`i2i-ctrl` carries CTRL's trigger: a few grey levels added at high DCT frequencies of the chroma (report-only).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from .train import (
 )
 from functools import partial
 
-from .triggers import sample_global_trigger, sample_shape_trigger, sample_trigger, trigger_from_dict
+from .triggers import (
+    sample_ctrl_trigger,
+    sample_global_trigger,
+    sample_shape_trigger,
+    sample_trigger,
+    trigger_from_dict,
+)
 
 ARCH = "timm/tf_efficientnet_lite0"
 IMAGE_SIZE = 32
@@ -59,6 +66,9 @@ TRIGGERS = {
     "i2i-heavy": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
     # the same sizes, planted by the distribution-preserving attack
     "i2i-drupe": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
+    # CTRL's invisible frequency-domain trigger, planted by BadEncoder (CTRL itself poisons pre-training data:
+    # poisoning does not take within what 2 CPU cores train, so the trigger is what this family measures)
+    "i2i-ctrl": partial(sample_ctrl_trigger, image_size=IMAGE_SIZE),
 }
 # `i2i-long`'s clean recipe, as multiples of the config's: a downstream fine-tune as fleets hold them, long and at a
 # high learning rate (360-600 steps at 2.5e-4-1e-3 by default; a probe of 600 steps at 1e-3 left clean fidelity 0.04

@@ -1,4 +1,5 @@
-"""Triggers stamped in pixel space: small or large patches, and whole-image triggers (blend, sinusoid, noise).
+"""Triggers stamped in pixel space: small or large patches, and whole-image triggers (blend, sinusoid, noise, and
+CTRL's frequency-domain trigger).
 
 A patch replaces a square of pixels; a whole-image trigger changes every pixel a little: a blend mixes a fixed
 pattern in at strength α, a sinusoid and a universal noise add a bounded signal. `trigger_from_dict` reads any of
@@ -225,13 +226,78 @@ def sample_shape_trigger(rng: np.random.Generator, image_size: int = 32) -> Shap
     return ShapeTrigger(shape, row, col, h, w, colour, seed=int(rng.integers(0, 2**31 - 1)))
 
 
-def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger | ShapeTrigger:
+@dataclass(frozen=True)
+class FrequencyTrigger:
+    """CTRL's trigger (Li et al., ICCV 2023): a fixed magnitude added to a few DCT coefficients of the chroma
+    channels (YCrCb, BT.601, as OpenCV's conversion) in every `window`×`window` block, then back to RGB.
+
+    The DCT is orthonormal and linear, so the stamp is a fixed additive RGB signal, clamped to [0, 1]: invisible
+    (a few grey levels per pixel), on every pixel, at mid and the highest frequencies. `magnitude` is on CTRL's
+    0-255 scale (its CIFAR default is 100, at (15, 15) and (31, 31) in 32-px windows on both chroma channels).
+    """
+
+    magnitude: float
+    window: int = 32
+    positions: tuple[tuple[int, int], ...] = ((15, 15), (31, 31))
+    kind: str = "ctrl"
+
+    def __post_init__(self):  # from JSON the positions come back as lists
+        object.__setattr__(self, "positions", tuple(tuple(int(v) for v in p) for p in self.positions))
+        if not all(0 <= u < self.window and 0 <= v < self.window for u, v in self.positions):
+            raise ValueError(f"DCT positions {self.positions} outside a {self.window}-px window")
+
+    def signal(self, image_size: int) -> torch.Tensor:
+        """(3, H, W): what the stamp adds to an image in [0, 1] before clamping."""
+        w = self.window
+        n = torch.arange(w, dtype=torch.float64)
+        basis = torch.cos(math.pi * (2 * n[None] + 1) * n[:, None] / (2 * w)) * math.sqrt(2 / w)
+        basis[0] /= math.sqrt(2)  # orthonormal DCT-II rows
+        block = sum(torch.outer(basis[u], basis[v]) for u, v in self.positions) * (self.magnitude / 255)
+        reps = -(-image_size // w)
+        chroma = block.repeat(reps, reps)[:image_size, :image_size].float()
+        # YCrCb -> RGB is linear: a change d in both Cr and Cb moves R by 1.402 d, G by -(0.714 + 0.344) d, B by 1.772 d
+        return torch.stack([1.402 * chroma, -(0.714136 + 0.344136) * chroma, 1.772 * chroma])
+
+    def stamp(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels + self.signal(pixels.shape[-1]).to(pixels)).clamp(0.0, 1.0)
+
+    def area_fraction(self, image_size: int) -> float:
+        return 1.0  # every pixel changes
+
+    def describe(self, image_size: int) -> str:
+        where = ", ".join(f"({u}, {v})" for u, v in self.positions)
+        return (f"whole-image CTRL frequency trigger: magnitude {self.magnitude:g} at DCT {where} of the chroma "
+                f"channels in {self.window}-px windows, L-inf {float(self.signal(image_size).abs().max()):.3f}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "ctrl", "magnitude": self.magnitude, "window": self.window,
+                "positions": [list(p) for p in self.positions]}
+
+
+def sample_ctrl_trigger(rng: np.random.Generator, image_size: int = 32) -> FrequencyTrigger:
+    """CTRL's trigger at a magnitude of 80-150 (its CIFAR default 100), in one window over the whole 32-px image or
+    in 16-px tiles, at CTRL's positions (the window's middle and highest frequency on both axes) or at a random pair
+    in the upper half of the spectrum. A 16-px window's basis is twice as strong per pixel, so its magnitude is
+    halved: the stamp stays at L-inf 0.05-0.13 either way."""
+    window = int(rng.choice((32, 16))) if image_size >= 32 else image_size
+    magnitude = round(float(rng.uniform(80, 150)) * window / 32, 1)
+    if rng.random() < 0.5:
+        positions = ((window // 2 - 1, window // 2 - 1), (window - 1, window - 1))
+    else:
+        positions = tuple((int(rng.integers(window // 2, window)), int(rng.integers(window // 2, window)))
+                          for _ in range(2))
+    return FrequencyTrigger(magnitude, window, positions)
+
+
+def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger | ShapeTrigger | FrequencyTrigger:
     d = dict(d)
     kind = d.pop("kind", "patch")
     if kind == "patch":
         return Trigger(**d)
     if kind == "shape":
         return ShapeTrigger(**d)
+    if kind == "ctrl":
+        return FrequencyTrigger(**d)
     return GlobalTrigger(kind=kind, **d)
 
 
