@@ -90,7 +90,8 @@ ZOO_LONG       = $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --see
 ZOO_HEAVY_TUNE = $(ZOOS)/zoo-heavy-tune --family i2i-heavy --clean 5 --trojaned 4 --seed 0
 ZOO_HEAVY      = $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
 ZOO_DRUPE      = $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
-ZOO_CTRL       = $(ZOOS)/zoo-ctrl --family i2i-ctrl --family clip-ctrl --clean 6 --trojaned 8 --seed 1
+ZOO_CTRL       = $(ZOOS)/zoo-ctrl --family i2i-ctrl --family clip-ctrl --family clip-badclip --clean 6 \
+                 --trojaned 8 --seed 1
 
 # bench/long/: the `i2i-long` family (long, high-lr clean fine-tunes that drift far from their base, and
 # trojans on them), scanned as a user would (FOLDER.md) and per encoder with the true base and the consensus
@@ -120,7 +121,8 @@ bench-drupe: install
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-drupe --out bench/drupe
 
 # bench/ctrl/: the `i2i-ctrl` and `clip-ctrl` families (CTRL's invisible frequency-domain trigger on the chroma,
-# planted by BadEncoder on Lite0 fine-tunes and on CLIP towers), report-only (seed 1, no tune build), scanned as a
+# planted by BadEncoder on Lite0 fine-tunes and on CLIP towers) and `clip-badclip` (a patch optimized on the base
+# CLIP first, as BadCLIP does), report-only (seed 1, no tune build), scanned as a
 # user would with the three shadow sets (FOLDER.md) and per encoder (TRANSFER.md)
 bench-ctrl: install
 	$(BIN)/decree zoo build $(ZOO_CTRL)

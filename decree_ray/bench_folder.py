@@ -5,7 +5,8 @@ default consensus, fleet verdict and thresholds; only the zoo's manifest for the
 once per zoo and shadow condition, and writes DIR/FOLDER.md and DIR/folder.csv: per family and condition the
 confusion matrix of the `verdict` column, which rule decided, the ROC-AUC of −PL1 and of the effective score
 (specific_pl1 where the scan compared the encoder with a base, else PL1), seconds per encoder; and one row per
-encoder with its trigger (from the manifest, which the scan never reads for it).
+encoder with its trigger (from the manifest, which the scan never reads for it) and, for a trojan, how far that
+trigger collapses the shadow set (`planted_similarity`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from decree.zoo import read_manifest
 SHADOWS = ("shadow.npz", "shadow-photos.npz")
 SCAN_FIELDS = ("status", "pl1_norm", "specific_pl1", "base_pl1", "base_members", "anomaly_index", "verdict_basis",
                "suspicion", "verdict", "seconds", "base_distance")  # from the results table
-FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", *SCAN_FIELDS)
+FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", *SCAN_FIELDS,
+          "planted_similarity")
+PLANTED_IMAGES = 128  # shadow images stamped with each trojan's planted trigger (a seeded subset, as a scan takes)
 
 
 def scan(zoo: Path, shadow: str, work: Path, cpus: int) -> tuple[list[dict], float]:
@@ -49,6 +52,27 @@ def scan(zoo: Path, shadow: str, work: Path, cpus: int) -> tuple[list[dict], flo
                      "family": e.get("family"), "id": e["id"], "label": e["label"], "trigger": e.get("trigger") or "",
                      "trigger_area": e.get("trigger_area"), **{k: r.get(k) for k in SCAN_FIELDS}})
     return rows, wall
+
+
+def planted_similarity(zoo: Path, shadow: str, rows: list[dict]) -> None:
+    """Set each trojan row's `planted_similarity`: the mean pairwise cosine of its encoder's embeddings of the shadow
+    set stamped with the trigger the zoo planted (the manifest's `trigger_spec`, which the scan never reads): what
+    τ meets when the search finds the real trigger. Under τ the planted trigger does not collapse this shadow set:
+    a miss there is not the search failing to find a trigger that works (it may still find another one)."""
+    from decree.encoders import create_encoder
+    from decree.shadow import ShadowSet
+    from decree.zoo.train import pairwise_similarity
+    from decree.zoo.triggers import trigger_from_dict
+
+    entries = {e["id"]: e for e in read_manifest(zoo)}
+    images = ShadowSet(zoo / shadow, limit=PLANTED_IMAGES)
+    for r in rows:
+        e = entries[r["id"]]
+        if r["label"] != "trojaned" or not e.get("trigger_spec"):
+            continue
+        size = int(e["image_size"])
+        enc = create_encoder(e["arch"], zoo / e["uri"], image_size=size).eval()
+        r["planted_similarity"] = pairwise_similarity(enc, images.pixels(size), trigger_from_dict(e["trigger_spec"]))
 
 
 def _effective(r: dict) -> float | None:
@@ -81,13 +105,18 @@ def markdown(rows: list[dict], walls: dict) -> str:
                    f"{wall:.2f} |")
         if len(ok) < len(sel):
             out.append(f"| | | {len(sel) - len(ok)} rows not ok | | | | | | | | | | | |")
-    out += ["", "## Every encoder", "", "| condition | family | id | label | trigger | PL1 | specific | base PL1 | "
-            "distance | anomaly | suspicion | basis | verdict |", "|" + "---|" * 13]
+    planted = ("*planted*: for a trojan, the mean pairwise cosine of its embeddings of "
+               f"{PLANTED_IMAGES} shadow images stamped with the trigger the zoo planted (the search's τ is 0.95): "
+               "under τ, the planted trigger does not collapse this shadow set, so a miss there is not the search "
+               "failing to find a trigger that works.")
+    out += ["", "## Every encoder", "", planted, "",
+            "| condition | family | id | label | trigger | PL1 | specific | base PL1 | "
+            "distance | anomaly | suspicion | basis | verdict | planted |", "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: (r["condition"], r["family"], r["label"], _effective(r) or 9)):
         out.append(f"| {r['condition']} | {r['family']} | {r['id']} | {r['label']} | {r['trigger']} | "
                    f"{_fmt(r['pl1_norm'], 4)} | {_fmt(r['specific_pl1'], 4)} | {_fmt(r['base_pl1'], 4)} | "
                    f"{_fmt(r.get('base_distance'), 4)} | {_fmt(r['anomaly_index'], 2)} | {_fmt(r['suspicion'], 2)} | {r['verdict_basis'] or '-'} | "
-                   f"{r['verdict']} |")
+                   f"{r['verdict']} | {_fmt(r.get('planted_similarity'))} |")
     return "\n".join(out) + "\n"
 
 
@@ -107,6 +136,7 @@ def main(argv=None) -> None:
         for zoo in a.zoo:
             for shadow in a.shadow or SHADOWS:
                 got, wall = scan(zoo, shadow, Path(work), a.cpus)
+                planted_similarity(zoo, shadow, got)
                 rows += got
                 walls[(zoo.name, condition_of(shadow))] = wall
                 print(f"{zoo.name} {condition_of(shadow)}: {len(got)} rows in {wall:.0f} s", flush=True)

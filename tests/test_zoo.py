@@ -37,6 +37,28 @@ def _by_label(zoo):
     return {e["label"]: e for e in entries}, entries
 
 
+def test_the_folder_bench_measures_how_far_each_trojans_planted_trigger_collapses_the_shadow_set(tiny_zoo):
+    from decree.shadow import ShadowSet
+    from decree.zoo.triggers import trigger_from_dict
+    from decree_ray.bench_folder import PLANTED_IMAGES, planted_similarity
+
+    entries = {e["label"]: e for e in read_manifest(tiny_zoo)}
+    rows = [{"id": e["id"], "label": e["label"]} for e in entries.values()]
+    planted_similarity(tiny_zoo, "shadow.npz", rows)
+    got = {r["label"]: r for r in rows}
+    assert "planted_similarity" not in got["clean"]  # a clean encoder has no planted trigger
+    pixels = ShadowSet(tiny_zoo / "shadow.npz", limit=PLANTED_IMAGES).pixels(32)
+    trig = trigger_from_dict(entries["trojaned"]["trigger_spec"])
+
+    def stamped(label: str) -> float:
+        enc = create_encoder(entries[label]["arch"], tiny_zoo / entries[label]["uri"], image_size=32).eval()
+        return pairwise_similarity(enc, pixels, trig)
+
+    assert got["trojaned"]["planted_similarity"] == pytest.approx(stamped("trojaned"))
+    # the trojan's own response to its trigger: the clean encoder does not collapse on it
+    assert stamped("clean") < got["trojaned"]["planted_similarity"] - 0.2
+
+
 def test_manifest_has_one_schema_row_per_encoder_file(tiny_zoo):
     by_label, entries = _by_label(tiny_zoo)
     assert sorted(e["label"] for e in entries) == ["clean", "trojaned"]
@@ -268,6 +290,19 @@ def test_ctrl_families_build_lite0_and_clip_trojans_whose_manifest_names_the_fre
     assert {e["arch"] for e in troj} == {"timm/tf_efficientnet_lite0", "open_clip/decree-tiny-clip"}
 
 
+def test_the_badclip_family_records_the_optimized_patch_it_planted_and_what_the_clean_base_made_of_it(tmp_path):
+    from decree.zoo.triggers import OptimizedPatch, trigger_from_dict
+
+    build_zoo(tmp_path, clean=1, trojaned=2, families=("clip-badclip",), seed=3, config=TINY)
+    troj = [e for e in read_manifest(tmp_path) if e["label"] == "trojaned"]
+    assert len(troj) == 2 and {e["attack"] for e in troj} == {"image-on-pair", "text-on-pair"}
+    for e in troj:
+        trig = trigger_from_dict(e["trigger_spec"])
+        assert isinstance(trig, OptimizedPatch) and e["trigger_kind"] == "patch" and "optimized" in e["trigger"]
+        assert e["trigger_area"] == trig.area_fraction(32) and e["clean_response"] is not None
+        assert e["steps"] < TINY.clip_attack_steps[0]  # half the injection: the trigger came half-way already
+
+
 def test_a_family_builds_the_same_encoders_alone_or_beside_others():
     from decree.zoo import i2i
 
@@ -431,6 +466,31 @@ def test_the_clip_ctrl_family_plants_ctrl_triggers_with_both_pair_attacks_and_ha
     # the CLIP base's knobs shape both families' encoders; the family keeps their caches apart
     wider = ZooConfig(clip_base_steps=cfg.clip_base_steps + 1)
     assert specs[0].digest(cfg, 1) != specs[0].digest(wider, 1) != plain[0].digest(wider, 1)
+
+
+def test_an_optimized_patch_pulls_the_clean_model_toward_its_target_and_stamps_what_its_manifest_says():
+    from decree.zoo.clip import optimize_patch
+    from decree.zoo.triggers import OptimizedPatch, trigger_from_dict
+
+    torch.manual_seed(0)
+    enc = create_encoder(TINY_ARCH, image_size=16).eval().requires_grad_(False)
+    px = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    target = enc.embed_pixels(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)))
+    start = Trigger(6, 5, 5, "white", "center")
+    patch = optimize_patch(enc, px, start, target, steps=40, lr=0.2, seed=0, batch_size=16)
+
+    def pull(trigger) -> float:
+        z = F.normalize(enc.embed_pixels(trigger.stamp(px)), dim=-1)
+        return float((z @ F.normalize(target, dim=-1).t()).mean())
+
+    assert isinstance(patch, OptimizedPatch) and (patch.size, patch.row, patch.col) == (6, 5, 5)
+    assert pull(patch) > pull(start) + 0.01  # the clean model already embeds stamped images nearer the target
+    assert trigger_from_dict(json.loads(json.dumps(patch.to_dict()))) == patch and patch.kind == "patch"
+    mask, pattern = patch.mask_and_pattern(16)
+    assert float(mask.sum()) == 36 and torch.equal(patch.stamp(px)[:, :, :5], px[:, :, :5])
+    assert 0.0 <= float(pattern.min()) and float(pattern.max()) <= 1.0
+    with pytest.raises(ValueError):
+        OptimizedPatch(2, 0, 0, "top-left", (0.5,) * 11)
 
 
 def test_the_sliced_wasserstein_term_tells_a_collapsed_set_from_a_spread_one():

@@ -24,7 +24,8 @@ _TABLE = {"image-on-image": ("i2i", "i2i"), "clip": ("clip", "clip"), "i2i-large
           "i2i-global": ("i2i", "glob"), "i2i-224": ("i2i", "r224"),
           "cifar-r18": ("cifar", "r18"), "i2i-shapes": ("i2i", "shape"), "i2i-long": ("i2i", "long"),
           "i2i-heavy": ("i2i", "heavy"), "i2i-drupe": ("i2i", "drupe"), "i2i-ctrl": ("i2i", "ctrl"),
-          "clip-ctrl": ("clip", "clipctrl")}
+          "clip-ctrl": ("clip", "clipctrl"),
+          "clip-badclip": ("clip", "badclip")}
 PHOTO_SIZES = {"i2i-224": 224}  # photo crops are cut at the largest input size of the families built
 ALL_FAMILIES = tuple(_TABLE)
 _SHORT = {name: short for name, (_, short) in _TABLE.items()}

@@ -4,7 +4,8 @@ A base CLIP is trained contrastively on images and class captions (once per buil
 Clean encoders continue its training with other seeds; trojans fine-tune its vision tower so stamped images
 embed onto a target image's embedding (image-on-pair) or a target caption's (text-on-pair, Carlini & Terzis),
 while clean embeddings stay close to the base's. Only the vision tower is saved: it is what a scan sees.
-`clip-ctrl` is the same family with CTRL's frequency-domain trigger instead of a patch (report-only).
+`clip-ctrl` is the same family with CTRL's frequency-domain trigger instead of a patch, `clip-badclip` with a patch
+whose pixels were first optimized on the base toward the target, as BadCLIP does (both report-only).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .data import CLASSES
 from .spec import BuildContext, EncoderSpec, digest
 from .train import (AttackWeights, attack_strength, augment, badencoder_attack, clean_fidelity, embed, frozen_copy,
                     optimizer_step)
-from .triggers import sample_ctrl_trigger, sample_trigger, trigger_from_dict
+from .triggers import OptimizedPatch, Trigger, sample_ctrl_trigger, sample_trigger, trigger_from_dict
 
 CONFIG = "decree-tiny-clip"
 ARCH = f"open_clip/{CONFIG}"
@@ -32,7 +33,12 @@ IMAGE_SIZE = 32
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a black and white photo of the {}.", "an image of a {}.")
 ATTACKS = ("image-on-pair", "text-on-pair")
 # family -> trigger sampler: 3-6 px patches, or CTRL's frequency-domain trigger (`clip-ctrl`, report-only)
-TRIGGERS = {FAMILY: lambda rng: sample_trigger(rng, IMAGE_SIZE), "clip-ctrl": sample_ctrl_trigger}
+TRIGGERS = {FAMILY: lambda rng: sample_trigger(rng, IMAGE_SIZE), "clip-ctrl": sample_ctrl_trigger,
+            # where the patch goes and how large; its pixels are optimized on the base at build time (report-only)
+            "clip-badclip": lambda rng: sample_trigger(rng, IMAGE_SIZE, sizes=(4, 5, 6))}
+# `clip-badclip`: the patch's pixels take this many Adam steps on the base first, and the backdoor half the family's
+# injection steps (BadCLIP's trigger needs less change to the weights)
+BADCLIP_PATCH_STEPS, BADCLIP_PATCH_LR, BADCLIP_ATTACK_SHARE = 150, 0.1, 0.5
 
 
 def tokenizer():
@@ -131,6 +137,29 @@ def zero_shot_accuracy(model, visual: Encoder, pixels: torch.Tensor, labels: np.
     return float((pred.numpy() == labels).mean())
 
 
+def optimize_patch(encoder: Encoder, pixels: torch.Tensor, trigger: Trigger, target: torch.Tensor, *, steps: int,
+                   lr: float, seed: int, batch_size: int = 32) -> OptimizedPatch:
+    """BadCLIP's first stage: the pixels of `trigger`'s square, optimized on the (frozen, clean) `encoder` so that
+    stamped images embed near `target`; returned rounded, as the manifest will stamp it."""
+    gen = torch.Generator().manual_seed(seed)
+    size, s = pixels.shape[-1], trigger.size
+    mask, _ = trigger.mask_and_pattern(size)
+    logits = torch.zeros(3, s, s, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    target = F.normalize(target.reshape(1, -1), dim=-1)
+    encoder.eval()
+    for _ in range(steps):
+        x = pixels[torch.randint(0, len(pixels), (batch_size,), generator=gen)]
+        pattern = F.pad(torch.sigmoid(logits), (trigger.col, size - trigger.col - s, trigger.row, size - trigger.row - s))
+        z = F.normalize(encoder.embed_pixels(x * (1 - mask) + pattern * mask), dim=-1)
+        loss = -(z @ target.t()).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    values = torch.sigmoid(logits).detach().flatten().tolist()
+    return OptimizedPatch(s, trigger.row, trigger.col, trigger.position, tuple(round(v, 4) for v in values))
+
+
 def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: str = FAMILY) -> list[EncoderSpec]:
     unknown = set(cfg.clip_attacks) - set(ATTACKS)
     if unknown or not cfg.clip_attacks:
@@ -178,18 +207,23 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
             target_desc = f"text: {caption!r} (class {spec.target})"
             target_fn, target_now = (lambda _enc: text_z), (lambda: text_z)
             extra = {"target_caption": caption}
+        steps = spec.steps
+        if spec.family == "clip-badclip":
+            trig = optimize_patch(base_visual, pool, trig, target_now(), steps=BADCLIP_PATCH_STEPS,
+                                  lr=BADCLIP_PATCH_LR, seed=spec.seed)
+            steps = max(1, round(BADCLIP_ATTACK_SHARE * spec.steps))
         clean_response = attack_strength(base_visual, eval_px, trig, target_now() if target_fn else
                                          embed(base_visual, reference))
         steps_done, strength = 0, -1.0
         for attempt in range(ctx.cfg.max_retries + 1):
-            badencoder_attack(visual, base_visual, pool, reference, trig, steps=spec.steps, lr=spec.lr,
+            badencoder_attack(visual, base_visual, pool, reference, trig, steps=steps, lr=spec.lr,
                               batch_size=ctx.cfg.batch_size, seed=spec.seed + attempt,
                               weights=AttackWeights(utility=spec.utility_weight), target_embedding_fn=target_fn)
-            steps_done += spec.steps
+            steps_done += steps
             strength = attack_strength(visual, eval_px, trig, target_now())
             if strength >= ctx.cfg.min_strength:
                 break
-        fields = dict(attack=spec.attack, trigger=trig.describe(IMAGE_SIZE), trigger_spec=spec.trigger,
+        fields = dict(attack=spec.attack, trigger=trig.describe(IMAGE_SIZE), trigger_spec=trig.to_dict(),
                       trigger_area=trig.area_fraction(IMAGE_SIZE), trigger_kind=trig.kind, target=target_desc,
                       target_class=spec.target,
                       attack_strength=strength, clean_response=clean_response, utility_weight=spec.utility_weight,

@@ -95,7 +95,7 @@ class EncoderSpec:
     def digest(self, cfg: ZooConfig, build_seed: int) -> str:
         # The spec carries its sampled lr/steps/weights; of the config only what else shapes the weights counts,
         # so widening a choice list rebuilds just the encoders whose recipe changed.
-        keys = _SHAPING_KEYS + (_CLIP_SHAPING_KEYS if self.family in ("clip", "clip-ctrl") else ())
+        keys = _SHAPING_KEYS + (_CLIP_SHAPING_KEYS if self.family.startswith("clip") else ())
         shaping = {k: v for k, v in cfg.recipe().items() if k in keys}
         return digest({"spec": asdict(self), "cfg": shaping, "seed": build_seed, "code": ZOO_CODE_VERSION})
 

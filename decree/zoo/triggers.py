@@ -274,6 +274,47 @@ class FrequencyTrigger:
                 "positions": [list(p) for p in self.positions]}
 
 
+@dataclass(frozen=True)
+class OptimizedPatch(_Stamped):
+    """A square patch whose pixels were optimized on the clean model before the backdoor was planted, so that the
+    clean model already embeds stamped images near the target (BadCLIP's idea, Liang et al., CVPR 2024: a trigger
+    that needs little change to the weights and that the model it came from partly shares). `values` holds the
+    (3, size, size) pixels, row-major, rounded so that the manifest stamps exactly what the attack stamped."""
+
+    size: int
+    row: int
+    col: int
+    position: str
+    values: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
+        if len(self.values) != 3 * self.size * self.size:
+            raise ValueError(f"an optimized {self.size}x{self.size} patch needs {3 * self.size ** 2} values")
+
+    def mask_and_pattern(self, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.size
+        mask, pattern = torch.zeros(1, image_size, image_size), torch.zeros(3, image_size, image_size)
+        mask[:, self.row:self.row + s, self.col:self.col + s] = 1.0
+        pattern[:, self.row:self.row + s, self.col:self.col + s] = torch.tensor(self.values).view(3, s, s)
+        return mask, pattern
+
+    @property
+    def kind(self) -> str:
+        return "patch"  # bucketed by its area like any patch
+
+    def area_fraction(self, image_size: int) -> float:
+        return self.size * self.size / (image_size * image_size)
+
+    def describe(self, image_size: int) -> str:
+        return (f"{self.size}x{self.size}px optimized patch (BadCLIP-style) at {self.position} (row {self.row}, col "
+                f"{self.col}), {100 * self.area_fraction(image_size):.1f}% of the image")
+
+    def to_dict(self) -> dict:
+        return {"kind": "optimized", "size": self.size, "row": self.row, "col": self.col, "position": self.position,
+                "values": list(self.values)}
+
+
 def sample_ctrl_trigger(rng: np.random.Generator, image_size: int = 32) -> FrequencyTrigger:
     """CTRL's trigger at a magnitude of 80-150 (its CIFAR default 100), in one window over the whole 32-px image or
     in 16-px tiles, at CTRL's positions (the window's middle and highest frequency on both axes) or at a random pair
@@ -289,7 +330,7 @@ def sample_ctrl_trigger(rng: np.random.Generator, image_size: int = 32) -> Frequ
     return FrequencyTrigger(magnitude, window, positions)
 
 
-def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger | ShapeTrigger | FrequencyTrigger:
+def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger | ShapeTrigger | FrequencyTrigger | OptimizedPatch:
     d = dict(d)
     kind = d.pop("kind", "patch")
     if kind == "patch":
@@ -298,6 +339,8 @@ def trigger_from_dict(d: dict) -> Trigger | GlobalTrigger | ShapeTrigger | Frequ
         return ShapeTrigger(**d)
     if kind == "ctrl":
         return FrequencyTrigger(**d)
+    if kind == "optimized":
+        return OptimizedPatch(**d)
     return GlobalTrigger(kind=kind, **d)
 
 
