@@ -125,3 +125,5 @@ def test_ctrl_triggers_round_trip_stay_invisible_and_reject_positions_outside_th
     assert FrequencyTrigger(100.0).signal(224).shape == (3, 224, 224)  # tiles any size
     with pytest.raises(ValueError):
         FrequencyTrigger(100.0, window=16, positions=((15, 16),))
+    with pytest.raises(ValueError):
+        FrequencyTrigger(100.0, window=0, positions=())

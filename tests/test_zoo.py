@@ -405,49 +405,44 @@ def test_the_long_fine_tune_family_trains_its_clean_encoders_far_longer_and_hott
 
 
 def test_the_heavy_attack_family_plants_its_trojans_far_longer_and_hotter_than_the_others():
-    from decree.zoo import i2i
     from decree.zoo.build import ALL_FAMILIES
 
     cfg = ZooConfig()
-    specs = i2i.plan(5, 6, np.random.default_rng(0), cfg, family="i2i-heavy")
-    trojans = [s for s in specs if s.label == "trojaned"]
+    trojans = _plan_beside_large("i2i-heavy", 5, 6, seed=0)
     assert "i2i-heavy" in ALL_FAMILIES and len(trojans) == 6
     assert min(s.steps for s in trojans) >= 4 * max(cfg.attack_steps) and max(s.lr for s in trojans) == pytest.approx(1e-3)
     assert min(s.lr for s in trojans) > max(cfg.attack_lrs) and all(s.parent is not None for s in trojans)
-    # its clean fine-tunes are the other families' (the same recipe as i2i-large, draw for draw)
-    large = i2i.plan(5, 6, np.random.default_rng(0), cfg, family="i2i-large")
-    assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
 
 
 def test_the_drupe_family_plants_the_distribution_preserving_attack_on_clean_parents():
     from decree.zoo import i2i
     from decree.zoo.build import ALL_FAMILIES
 
-    cfg = ZooConfig()
-    specs = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-drupe")
-    trojans = [s for s in specs if s.label == "trojaned"]
+    trojans = _plan_beside_large("i2i-drupe", 6, 8, seed=1)
     assert "i2i-drupe" in ALL_FAMILIES and {s.attack for s in trojans} == {"drupe"}
     assert all(s.parent is not None for s in trojans)
-    assert {s.steps for s in trojans} <= {i2i.DRUPE_STEPS * s for s in cfg.attack_steps}
-    # its clean fine-tunes are i2i-large's, draw for draw
-    large = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-large")
-    assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
+    assert {s.steps for s in trojans} <= {i2i.DRUPE_STEPS * s for s in ZooConfig().attack_steps}
 
 
 def test_the_ctrl_family_carries_ctrl_frequency_triggers_on_i2i_large_clean_fine_tunes():
     from decree.generalization import bucket_of
-    from decree.zoo import i2i
     from decree.zoo.build import ALL_FAMILIES
     from decree.zoo.triggers import trigger_from_dict
 
-    cfg = ZooConfig()
-    specs = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-ctrl")
-    trojans = [s for s in specs if s.label == "trojaned"]
+    trojans = _plan_beside_large("i2i-ctrl", 6, 8, seed=1)
     assert "i2i-ctrl" in ALL_FAMILIES and {s.attack for s in trojans} == {"badencoder", "badencoder-specific"}
     assert {trigger_from_dict(s.trigger).kind for s in trojans} == {"ctrl"}
     assert bucket_of({"label": "trojaned", "trigger_kind": "ctrl", "trigger_area": 1.0}) == "whole-image ctrl"
-    large = i2i.plan(6, 8, np.random.default_rng(1), cfg, family="i2i-large")
+
+
+def _plan_beside_large(family: str, clean: int, trojaned: int, seed: int) -> list:
+    """The family's planned trojans, after checking that its clean fine-tunes are i2i-large's, draw for draw."""
+    from decree.zoo import i2i
+
+    specs = i2i.plan(clean, trojaned, np.random.default_rng(seed), ZooConfig(), family=family)
+    large = i2i.plan(clean, trojaned, np.random.default_rng(seed), ZooConfig(), family="i2i-large")
     assert [(s.steps, s.lr) for s in specs if s.label == "clean"] == [(s.steps, s.lr) for s in large if s.label == "clean"]
+    return [s for s in specs if s.label == "trojaned"]
 
 
 def test_the_clip_ctrl_family_plants_ctrl_triggers_with_both_pair_attacks_and_hashes_apart_from_clip():

@@ -243,6 +243,8 @@ class FrequencyTrigger:
 
     def __post_init__(self):  # from JSON the positions come back as lists
         object.__setattr__(self, "positions", tuple(tuple(int(v) for v in p) for p in self.positions))
+        if self.window < 1:
+            raise ValueError(f"a DCT window is at least 1 px, got {self.window}")
         if not all(0 <= u < self.window and 0 <= v < self.window for u, v in self.positions):
             raise ValueError(f"DCT positions {self.positions} outside a {self.window}-px window")
 
