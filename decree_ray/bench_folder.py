@@ -29,7 +29,7 @@ SCAN_FIELDS = ("status", "pl1_norm", "specific_pl1", "base_pl1", "base_members",
                "suspicion", "verdict", "seconds", "base_distance")  # from the results table
 FIELDS = ("zoo", "split", "condition", "family", "id", "label", "trigger", "trigger_area", *SCAN_FIELDS,
           "planted_similarity")
-PLANTED_IMAGES = 128  # shadow images stamped with each trojan's planted trigger (a seeded subset, as a scan takes)
+PLANTED_IMAGES = 128  # shadow images stamped with each trojan's planted trigger (a seeded subset, as decree.transfer)
 
 
 def scan(zoo: Path, shadow: str, work: Path, cpus: int) -> tuple[list[dict], float]:

@@ -239,7 +239,10 @@ class FrequencyTrigger:
     magnitude: float
     window: int = 32
     positions: tuple[tuple[int, int], ...] = ((15, 15), (31, 31))
-    kind: str = "ctrl"
+
+    @property
+    def kind(self) -> str:
+        return "ctrl"
 
     def __post_init__(self):  # from JSON the positions come back as lists
         object.__setattr__(self, "positions", tuple(tuple(int(v) for v in p) for p in self.positions))
