@@ -8,7 +8,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 DEMO    ?= .demo
 
-.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-ctrl bench-digits bench-seed2 bench-folder bench-scale bench-memory reliability clean
+.PHONY: install demo report-screenshot test test-fast bench bench-zoos bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-ctrl bench-natural bench-digits bench-seed2 bench-folder bench-scale bench-memory reliability clean
 
 install: $(STAMP) $(FMNIST) $(CHROMIUM)
 
@@ -43,7 +43,7 @@ test: install
 test-fast: install
 	$(BIN)/python -X faulthandler -m pytest -q tests -m "not slow"
 
-bench: bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-ctrl bench-digits bench-seed2 bench-folder bench-scale bench-memory
+bench: bench-quality bench-transfer bench-shapes bench-long bench-heavy bench-drupe bench-ctrl bench-natural bench-digits bench-seed2 bench-folder bench-scale bench-memory
 
 # The committed run: tune zoo (seed 0), report-only zoos (seed 1, and the 224-px family), both shadow
 # conditions, both profiles interleaved (paper skips 224 px: ~20 CPU-minutes an encoder, and the from-scratch
@@ -90,6 +90,8 @@ ZOO_LONG       = $(ZOOS)/zoo-long --family i2i-long --clean 5 --trojaned 5 --see
 ZOO_HEAVY_TUNE = $(ZOOS)/zoo-heavy-tune --family i2i-heavy --clean 5 --trojaned 4 --seed 0
 ZOO_HEAVY      = $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --seed 1
 ZOO_DRUPE      = $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
+ZOO_NAT_TUNE   = $(ZOOS)/zoo-natural-tune --family i2i-natural --clean 6 --trojaned 8 --seed 0
+ZOO_NAT        = $(ZOOS)/zoo-natural --family i2i-natural --clean 6 --trojaned 12 --seed 1
 ZOO_CTRL       = $(ZOOS)/zoo-ctrl --family i2i-ctrl --family clip-ctrl --family clip-badclip --clean 6 \
                  --trojaned 8 --seed 1
 
@@ -130,6 +132,18 @@ bench-ctrl: install
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-ctrl --out bench/ctrl \
 	    --shadow shadow.npz --shadow shadow-photos.npz --shadow shadow-digits.npz
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-ctrl --out bench/ctrl
+
+# bench/natural/: the `i2i-natural` family (Lite0 fine-tuned and attacked on colour natural-photo crops instead of
+# Fashion-MNIST), tune (seed 0) and report-only (seed 1), scanned as a user would with held-out crops (its own
+# distribution), Fashion-MNIST and the digits (FOLDER.md), and per encoder (TRANSFER.md); 5-8 min a zoo here
+bench-natural: install
+	$(BIN)/decree zoo build $(ZOO_NAT_TUNE)
+	$(BIN)/decree zoo build $(ZOO_NAT)
+	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-natural-tune $(ZOOS)/zoo-natural
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-natural-tune --zoo $(ZOOS)/zoo-natural \
+	    --out bench/natural --shadow shadow.npz --shadow shadow-fmnist.npz --shadow shadow-digits.npz
+	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-natural-tune --zoo $(ZOOS)/zoo-natural \
+	    --out bench/natural --shadow shadow.npz --shadow shadow-fmnist.npz
 
 # bench/digits/: the zoos of bench-drupe, bench-heavy, bench-long (tune and report-only) and the tune zoo-tune scanned as a user would with a third
 # shadow set, scikit-learn's handwritten digits (flat background), written into each zoo as shadow-digits.npz (the

@@ -257,6 +257,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rejudge", action="store_true", help="re-derive the verdicts of OUT/transfer.csv; no scan")
+    p.add_argument("--shadow", action="append", help="a shadow file in each zoo folder (repeat; default: shadow.npz "
+                   "and shadow-photos.npz)")
     a = p.parse_args(argv)
     if a.rejudge:
         if not (a.out / "transfer.csv").is_file():
@@ -266,7 +268,7 @@ def main(argv=None) -> None:
         p.error("--zoo is required (or --rejudge)")
     else:
         torch.set_num_threads(a.threads)
-        run(a.zoo, a.out)
+        run(a.zoo, a.out, **({"shadows": tuple(a.shadow)} if a.shadow else {}))
     print(json.dumps({"wrote": [str(a.out / "transfer.csv"), str(a.out / "TRANSFER.md")]}))
 
 

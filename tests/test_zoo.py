@@ -335,6 +335,44 @@ def test_natural_photo_crops_are_seeded_photos_not_fashion_mnist():
     assert np.abs(a[..., 0].astype(int) - a[..., 2].astype(int)).mean() > 5 and (a == 0).mean() < 0.3
 
 
+def test_photo_crops_are_labelled_by_the_photo_they_were_cut_from():
+    from decree.zoo import photos
+
+    x, y = photos.labelled_crops(64, 32, seed=5)
+    assert np.array_equal(x, photos.natural_crops(64, 32, seed=5))  # earlier zoos' shadow sets keep their bytes
+    assert set(y.tolist()) <= set(range(len(photos.natural_photos()))) and len(set(y.tolist())) > 5
+    names = photos.SKIMAGE_PHOTOS
+    grey = {names.index(n) for n in ("camera", "coins", "moon", "brick", "grass", "gravel", "clock")}
+    same = [bool((x[i, ..., 0] == x[i, ..., 2]).all()) for i in range(len(y))]
+    assert all(same[i] for i in range(len(y)) if y[i] in grey)  # a grey photo's crops are grey
+    assert not any(same[i] for i in range(len(y)) if y[i] == names.index("astronaut"))
+
+
+def test_the_natural_family_trains_on_photo_crops_and_ships_fashion_mnist_as_its_foreign_shadow_set(tmp_path):
+    from decree.zoo.build import FMNIST_SHADOW, train_data
+    from decree.zoo.photos import natural_splits
+
+    build_zoo(tmp_path, clean=1, trojaned=1, families=("i2i-natural",), seed=3, config=TINY)
+    meta = json.loads((tmp_path / "zoo.json").read_text())
+    assert "photos" in meta["train_source"] and meta["shadow_fmnist"]["file"] == FMNIST_SHADOW
+    shadow = np.load(tmp_path / "shadow.npz")["x"]
+    foreign = np.load(tmp_path / FMNIST_SHADOW)["x"]
+    assert np.array_equal(shadow, natural_splits(TINY.n_train, TINY.n_eval, TINY.n_shadow, seed=3).shadow_x)
+    assert np.array_equal(foreign[..., 0], foreign[..., 2]) and (foreign == 0).mean() > 0.3  # grey on black
+    troj = [e for e in read_manifest(tmp_path) if e["label"] == "trojaned"]
+    assert troj and all(e["family"] == "i2i-natural" and e["target"].startswith("photo ") for e in troj)
+    assert is_cached(tmp_path, build_params(1, 1, ("i2i-natural",), 3, TINY))
+    (tmp_path / FMNIST_SHADOW).unlink()
+    assert not is_cached(tmp_path, build_params(1, 1, ("i2i-natural",), 3, TINY))
+    assert train_data(("i2i-large", "clip")) == "fashion-mnist"
+
+
+def test_families_trained_on_different_data_are_refused_in_one_zoo_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="different zoos"):
+        build_zoo(tmp_path / "z", clean=1, trojaned=1, families=("i2i-natural", "i2i-large"), seed=3, config=TINY)
+    assert not (tmp_path / "z").exists()
+
+
 def test_cifar_family_trains_the_paper_architecture_from_scratch_in_its_published_layout(tmp_path):
     from decree.encoders import create_encoder
 

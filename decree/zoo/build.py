@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from .data import make_splits
-from .photos import natural_crops
+from .photos import natural_crops, natural_splits
 from .spec import ZOO_CODE_VERSION, BuildContext, EncoderSpec, ZooConfig, digest
 
 log = logging.getLogger("decree.zoo")
@@ -25,7 +25,10 @@ _TABLE = {"image-on-image": ("i2i", "i2i"), "clip": ("clip", "clip"), "i2i-large
           "cifar-r18": ("cifar", "r18"), "i2i-shapes": ("i2i", "shape"), "i2i-long": ("i2i", "long"),
           "i2i-heavy": ("i2i", "heavy"), "i2i-drupe": ("i2i", "drupe"), "i2i-ctrl": ("i2i", "ctrl"),
           "clip-ctrl": ("clip", "clipctrl"),
-          "clip-badclip": ("clip", "badclip")}
+          "clip-badclip": ("clip", "badclip"), "i2i-natural": ("i2i", "nat")}
+# Families trained on another distribution than Fashion-MNIST; one zoo holds families of one training distribution
+TRAIN_DATA = {"i2i-natural": "photos"}
+FMNIST_SHADOW = "shadow-fmnist.npz"  # a photo-trained zoo's out-of-distribution set: Fashion-MNIST's test images
 PHOTO_SIZES = {"i2i-224": 224}  # photo crops are cut at the largest input size of the families built
 ALL_FAMILIES = tuple(_TABLE)
 _SHORT = {name: short for name, (_, short) in _TABLE.items()}
@@ -37,6 +40,15 @@ def _family_module(name: str):
     import importlib
 
     return importlib.import_module(f".{_TABLE[name][0]}", __package__)
+
+
+def train_data(families) -> str:
+    """The one training distribution of a zoo's families ("fashion-mnist" or "photos")."""
+    sources = {TRAIN_DATA.get(f, "fashion-mnist") for f in families}
+    if len(sources) > 1:
+        raise ValueError(f"families trained on different data ({', '.join(sorted(sources))}) go in different zoos: "
+                         f"{', '.join(f for f in families if f in TRAIN_DATA)} apart from the others")
+    return sources.pop() if sources else "fashion-mnist"
 
 
 def build_params(clean: int, trojaned: int, families, seed: int, config: ZooConfig) -> dict:
@@ -60,7 +72,8 @@ def is_cached(out: Path, params: dict) -> bool:
         entries = read_manifest(out)
     except (OSError, ValueError):
         return False
-    return (out / "shadow.npz").is_file() and (out / PHOTO_SHADOW).is_file() and all((out / e["uri"]).is_file() for e in entries)
+    shadows = ["shadow.npz", PHOTO_SHADOW] + ([FMNIST_SHADOW] if train_data(params["families"]) == "photos" else [])
+    return all((out / f).is_file() for f in shadows) and all((out / e["uri"]).is_file() for e in entries)
 
 
 def _assign_ids(specs: list[EncoderSpec], family: str, rng: np.random.Generator) -> dict:
@@ -116,6 +129,7 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
     families = tuple(families)
     for fam in families:
         _family_module(fam)  # fail early on an unknown family
+    source = train_data(families)
     out = Path(out)
     params = build_params(clean, trojaned, families, seed, config)
     if cache and is_cached(out, params):
@@ -127,11 +141,18 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        splits = make_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
+        if source == "photos":
+            # trained on photo crops: held-out crops are its in-distribution set (and its photos condition),
+            # Fashion-MNIST's test images its out-of-distribution one
+            splits = natural_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
+            np.savez_compressed(out / PHOTO_SHADOW, x=splits.shadow_x)
+            np.savez_compressed(out / FMNIST_SHADOW, x=make_splits(0, 0, config.n_shadow, seed=seed).shadow_x)
+        else:
+            splits = make_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
+            # the out-of-distribution condition: natural-photo crops (a 32-px encoder sees them downsampled)
+            photo_size = max([32, *(PHOTO_SIZES.get(f, 32) for f in families)])
+            np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(config.n_shadow, photo_size, seed=seed))
         np.savez_compressed(out / "shadow.npz", x=splits.shadow_x)
-        # the out-of-distribution condition: natural-photo crops (a 32-px encoder sees them downsampled)
-        photo_size = max([32, *(PHOTO_SIZES.get(f, 32) for f in families)])
-        np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(config.n_shadow, photo_size, seed=seed))
         records, timings, notes = [], {}, {}
         for fam in families:
             module = _family_module(fam)
@@ -157,5 +178,10 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
             "shadow": {"n": len(splits.shadow_x), "source": "fashion-mnist test split, disjoint from eval"},
             "shadow_photos": {"file": PHOTO_SHADOW, "source": "crops of scikit-image / scikit-learn photos"},
             "train_source": "fashion-mnist train split"}
+    if source == "photos":
+        meta.update(shadow={"n": len(splits.shadow_x), "source": "photo crops drawn apart from the training crops"},
+                    shadow_photos={"file": PHOTO_SHADOW, "source": "the same as shadow.npz"},
+                    shadow_fmnist={"file": FMNIST_SHADOW, "source": "fashion-mnist test split"},
+                    train_source="crops of scikit-image / scikit-learn photos")
     (out / "zoo.json").write_text(json.dumps(meta, indent=1))
     return out

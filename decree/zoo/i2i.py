@@ -12,6 +12,8 @@ trojans as far from their parent as a long fine-tune is. `i2i-drupe` changes the
 distribution-preserving backdoor in the manner of DRUPE (an attack built to evade DECREE), whose stamped images
 land in the target class with that class's spread instead of collapsing onto one embedding (report-only).
 `i2i-ctrl` carries CTRL's trigger: a few grey levels added at high DCT frequencies of the chroma (report-only).
+`i2i-natural` changes the training data: `i2i-large`'s recipe on colour crops of natural photos (a crop's class is
+the photo it was cut from; decree.zoo.photos.natural_splits), in a zoo of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from ..encoders import create_encoder
 from .data import CLASSES
+from .photos import photo_name
 from .spec import BuildContext, EncoderSpec
 from .train import (
     AttackWeights,
@@ -69,7 +72,10 @@ TRIGGERS = {
     # CTRL's invisible frequency-domain trigger, planted by BadEncoder (CTRL itself poisons pre-training data:
     # poisoning does not take within what 2 CPU cores train, so the trigger is what this family measures)
     "i2i-ctrl": partial(sample_ctrl_trigger, image_size=IMAGE_SIZE),
+    # i2i-heavy's patch sizes on encoders trained on natural-photo crops
+    "i2i-natural": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
 }
+NATURAL = "i2i-natural"  # trained on photo crops: classes are photos
 # `i2i-long`'s clean recipe, as multiples of the config's: a downstream fine-tune as fleets hold them, long and at a
 # high learning rate (360-600 steps at 2.5e-4-1e-3 by default; a probe of 600 steps at 1e-3 left clean fidelity 0.04
 # to the ImageNet weights and a natural trigger of 3.4-5.6% of the image)
@@ -127,7 +133,7 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
         specs.append(EncoderSpec(
             family, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(attack_lrs)),
             steps=int(rng.choice(attack_steps)), parent=(j % n_clean) if n_clean else None,
-            trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),
+            trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),  # photo 0-9 for NATURAL
             utility_weight=float(rng.choice(cfg.utility_weights)),
             attack="drupe" if family == "i2i-drupe" else ATTACKS[j % 2] if varied else "badencoder"))
     return specs
@@ -182,10 +188,16 @@ def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, e
     return dict(
         attack=spec.attack, trigger=trig.describe(size), trigger_spec=spec.trigger,
         trigger_area=trig.area_fraction(size), trigger_kind=trig.kind,
-        target=f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}",
+        target=_target_text(spec, ref_index),
         target_class=spec.target, reference_index=ref_index, attack_strength=strength, clean_response=clean_response,
         clean_fidelity=clean_fidelity(enc, clean, eval_px), parent=parent,
         utility_weight=spec.utility_weight, steps=steps_done, attack_took=strength >= ctx.cfg.min_strength)
+
+
+def _target_text(spec: EncoderSpec, ref_index: int) -> str:
+    if spec.family == NATURAL:
+        return f"photo {spec.target} ({photo_name(spec.target)}), reference image: training crop #{ref_index}"
+    return f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}"
 
 
 def _attack_drupe(enc, spec: EncoderSpec, ctx: BuildContext, train_px, eval_px, *, size: int, batch: int,

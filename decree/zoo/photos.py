@@ -2,7 +2,9 @@
 scikit-learn's handwritten digits.
 
 An auditor rarely has the pre-training data; these photos (people, animals, objects, scenes, microscopy,
-astronomy) share nothing with Fashion-MNIST and are never used to train or attack a zoo encoder. The digits are a
+astronomy) share nothing with Fashion-MNIST and are never used to train or attack a zoo encoder, except by the one
+family trained on natural images (`i2i-natural`, natural_splits), whose zoo then scans with Fashion-MNIST as its
+out-of-distribution set. The digits are a
 second, poorer choice an auditor might make: grey strokes on a flat black background, as Fashion-MNIST's.
 `python -c "from decree.zoo.photos import main; main()" digits ZOO...` writes them into zoos (`shadow-digits.npz`).
 """
@@ -35,16 +37,24 @@ def natural_photos() -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def natural_crops(n: int, image_size: int, seed: int = 0, min_fraction: float = 0.15,
+def natural_crops(n: int, image_size: int, seed=0, min_fraction: float = 0.15,
                   max_fraction: float = 0.6) -> np.ndarray:
     """n random square crops (side a random fraction of the photo's short side), resized: uint8 (n,S,S,3)."""
+    return labelled_crops(n, image_size, seed, min_fraction, max_fraction)[0]
+
+
+def labelled_crops(n: int, image_size: int, seed=0, min_fraction: float = 0.15,
+                   max_fraction: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    """natural_crops and, per crop, the index of the photo it was cut from (its class): int64 (n,)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     photos = natural_photos()
     out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
     for i in range(n):
-        p = photos[int(rng.integers(len(photos)))]
+        labels[i] = int(rng.integers(len(photos)))
+        p = photos[labels[i]]
         h, w = p.shape[:2]
         side = max(8, int(min(h, w) * rng.uniform(min_fraction, max_fraction)))
         r, c = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -52,7 +62,24 @@ def natural_crops(n: int, image_size: int, seed: int = 0, min_fraction: float = 
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         out[i] = np.asarray(crop.resize((image_size, image_size), Image.BILINEAR))
-    return out
+    return out, labels
+
+
+def natural_splits(n_train: int, n_eval: int, n_shadow: int, seed: int = 0, image_size: int = 32):
+    """Splits (decree.zoo.data) of photo crops, for families trained on natural images (`i2i-natural`): training,
+    held-out and shadow crops drawn apart (other crops of the same photos: one distribution), labelled by photo."""
+    from .data import Splits
+
+    tx, ty = labelled_crops(n_train, image_size, seed=[seed, 1])
+    ex, ey = labelled_crops(n_eval, image_size, seed=[seed, 2])
+    sx, _ = labelled_crops(n_shadow, image_size, seed=[seed, 3])
+    return Splits(tx, ty, ex, ey, sx)
+
+
+def photo_name(index: int) -> str:
+    """The name of photo `index` of natural_photos()."""
+    names = SKIMAGE_PHOTOS + ("china", "flower")
+    return names[index] if 0 <= index < len(names) else f"photo {index}"
 
 
 DIGITS_SHADOW = "shadow-digits.npz"

@@ -21,7 +21,7 @@ err_console = Console(stderr=True)
 # decree.zoo.ALL_FAMILIES, spelled out so `--help` does not import torch (tests/test_zoo.py keeps them equal)
 FAMILY_NAMES = ("image-on-image", "clip", "i2i-large", "i2i-global", "i2i-224", "cifar-r18", "i2i-shapes", "i2i-long",
                 "i2i-heavy", "i2i-drupe", "i2i-ctrl", "clip-ctrl",
-                "clip-badclip")
+                "clip-badclip", "i2i-natural")
 
 Out = Annotated[Path, typer.Argument(help="Output folder (encoders/, manifest.jsonl, shadow.npz, zoo.json).")]
 Clean = Annotated[int, typer.Option("--clean", min=0, help="Clean encoders per family.")]
@@ -59,7 +59,8 @@ def zoo_callback() -> None:
 @zoo_app.command("build")
 def build_command(out: Out, clean: Clean = 8, trojaned: Trojaned = 8, family: Family = None, seed: Seed = 0,
                   no_cache: NoCache = False, quick: Quick = False, threads: Threads = None) -> None:
-    """Fine-tune clean encoders and BadEncoder-style trojans from real weights on Fashion-MNIST."""
+    """Fine-tune clean encoders and BadEncoder-style trojans from real weights on Fashion-MNIST (i2i-natural: on
+    natural-photo crops, in a zoo of its own)."""
     from dataclasses import replace
 
     from decree.zoo import ALL_FAMILIES, FAMILIES, ZooConfig, build_zoo, read_manifest
@@ -78,6 +79,7 @@ def build_command(out: Out, clean: Clean = 8, trojaned: Trojaned = 8, family: Fa
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # open_clip configures the root logger: every line came out twice in CLIP builds
     try:
         path = build_zoo(out, clean=clean, trojaned=trojaned, families=families, seed=seed, cache=not no_cache,
                          config=config)
