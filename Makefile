@@ -92,6 +92,7 @@ ZOO_HEAVY      = $(ZOOS)/zoo-heavy --family i2i-heavy --clean 5 --trojaned 4 --s
 ZOO_DRUPE      = $(ZOOS)/zoo-drupe --family i2i-drupe --clean 6 --trojaned 8 --seed 1
 ZOO_NAT_TUNE   = $(ZOOS)/zoo-natural-tune --family i2i-natural --clean 6 --trojaned 8 --seed 0
 ZOO_NAT        = $(ZOOS)/zoo-natural --family i2i-natural --clean 6 --trojaned 12 --seed 1
+ZOO_CNAT       = $(ZOOS)/zoo-cifar-natural --family cifar-natural --clean 4 --trojaned 6 --seed 1
 ZOO_CTRL       = $(ZOOS)/zoo-ctrl --family i2i-ctrl --family clip-ctrl --family clip-badclip --clean 6 \
                  --trojaned 8 --seed 1
 
@@ -135,13 +136,18 @@ bench-ctrl: install
 
 # bench/natural/: the `i2i-natural` family (Lite0 fine-tuned and attacked on colour natural-photo crops instead of
 # Fashion-MNIST), tune (seed 0) and report-only (seed 1), scanned as a user would with held-out crops (its own
-# distribution), Fashion-MNIST and the digits (FOLDER.md), and per encoder (TRANSFER.md); 5-8 min a zoo here
+# distribution), Fashion-MNIST and the digits (FOLDER.md), and per encoder (TRANSFER.md); 5-8 min a zoo here.
+# bench/natural/cifar/: `cifar-natural`, the paper's ResNet-18 from scratch on the same crops, report-only
 bench-natural: install
 	$(BIN)/decree zoo build $(ZOO_NAT_TUNE)
 	$(BIN)/decree zoo build $(ZOO_NAT)
-	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-natural-tune $(ZOOS)/zoo-natural
+	$(BIN)/decree zoo build $(ZOO_CNAT)
+	$(BIN)/python -c "from decree.zoo.photos import main; main()" digits $(ZOOS)/zoo-natural-tune $(ZOOS)/zoo-natural \
+	    $(ZOOS)/zoo-cifar-natural
 	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-natural-tune --zoo $(ZOOS)/zoo-natural \
 	    --out bench/natural --shadow shadow.npz --shadow shadow-fmnist.npz --shadow shadow-digits.npz
+	$(BIN)/python -m decree_ray.bench_folder --zoo $(ZOOS)/zoo-cifar-natural \
+	    --out bench/natural/cifar --shadow shadow.npz --shadow shadow-fmnist.npz --shadow shadow-digits.npz
 	$(BIN)/python -m decree.transfer_bench --zoo $(ZOOS)/zoo-natural-tune --zoo $(ZOOS)/zoo-natural \
 	    --out bench/natural --shadow shadow.npz --shadow shadow-fmnist.npz
 

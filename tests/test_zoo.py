@@ -367,6 +367,18 @@ def test_the_natural_family_trains_on_photo_crops_and_ships_fashion_mnist_as_its
     assert train_data(("i2i-large", "clip")) == "fashion-mnist"
 
 
+def test_the_paper_architecture_trains_from_scratch_on_photo_crops_in_the_cifar_natural_family(tmp_path):
+    build_zoo(tmp_path, clean=1, trojaned=1, families=("cifar-natural",), seed=3, config=TINY)
+    entries = read_manifest(tmp_path)
+    assert {e["arch"] for e in entries} == {"cifar/resnet18"}
+    clean = next(e for e in entries if e["label"] == "clean")
+    assert clean["parent"] == "scratch"
+    assert all(e["target"].startswith("photo ") for e in entries if e["label"] == "trojaned")
+    assert "cifar_clean_steps" in build_params(1, 1, ("cifar-natural",), 3, TINY)["config"]
+    assert "cifar_clean_steps" not in build_params(1, 1, ("i2i-natural",), 3, TINY)["config"]
+    assert (tmp_path / "shadow-fmnist.npz").is_file()
+
+
 def test_families_trained_on_different_data_are_refused_in_one_zoo_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="different zoos"):
         build_zoo(tmp_path / "z", clean=1, trojaned=1, families=("i2i-natural", "i2i-large"), seed=3, config=TINY)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from .data import make_splits
-from .photos import natural_crops, natural_splits
+from .photos import TRAINED_ON_PHOTOS, natural_crops, natural_splits
 from .spec import ZOO_CODE_VERSION, BuildContext, EncoderSpec, ZooConfig, digest
 
 log = logging.getLogger("decree.zoo")
@@ -25,9 +25,9 @@ _TABLE = {"image-on-image": ("i2i", "i2i"), "clip": ("clip", "clip"), "i2i-large
           "cifar-r18": ("cifar", "r18"), "i2i-shapes": ("i2i", "shape"), "i2i-long": ("i2i", "long"),
           "i2i-heavy": ("i2i", "heavy"), "i2i-drupe": ("i2i", "drupe"), "i2i-ctrl": ("i2i", "ctrl"),
           "clip-ctrl": ("clip", "clipctrl"),
-          "clip-badclip": ("clip", "badclip"), "i2i-natural": ("i2i", "nat")}
+          "clip-badclip": ("clip", "badclip"), "i2i-natural": ("i2i", "nat"), "cifar-natural": ("cifar", "r18n")}
 # Families trained on another distribution than Fashion-MNIST; one zoo holds families of one training distribution
-TRAIN_DATA = {"i2i-natural": "photos"}
+TRAIN_DATA = dict.fromkeys(TRAINED_ON_PHOTOS, "photos")
 FMNIST_SHADOW = "shadow-fmnist.npz"  # a photo-trained zoo's out-of-distribution set: Fashion-MNIST's test images
 PHOTO_SIZES = {"i2i-224": 224}  # photo crops are cut at the largest input size of the families built
 ALL_FAMILIES = tuple(_TABLE)

@@ -3,6 +3,8 @@
 Unlike the Lite0 families, nothing here starts from pretrained weights: each clean encoder is its own SimCLR
 run from a random init (its own seed, length and learning rate), as the CIFAR-10 encoders DECREE and BadEncoder
 report on; trojans are BadEncoder attacks on one of them. Checkpoints keep the `cifar/resnet18` layout.
+`cifar-natural` is the same recipe on colour natural-photo crops (decree.zoo.photos.natural_splits), in a zoo of
+its own.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def build(spec: EncoderSpec, ctx: BuildContext) -> tuple[dict, dict]:
     else:
         parent_id = ctx.parent_id(spec)
         if parent_id is None:
-            raise ValueError("cifar-r18 trojans need a clean parent (--clean >= 1)")
+            raise ValueError(f"{spec.family} trojans need a clean parent (--clean >= 1)")
         enc = create_encoder(ARCH, ctx.checkpoint(parent_id))
         fields = attack_image_on_image(enc, spec, ctx, train_px, eval_px, size=IMAGE_SIZE,
                                        batch=ctx.cfg.batch_size, parent=parent_id)

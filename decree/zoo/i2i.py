@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..encoders import create_encoder
 from .data import CLASSES
-from .photos import photo_name
+from .photos import TRAINED_ON_PHOTOS, photo_name
 from .spec import BuildContext, EncoderSpec
 from .train import (
     AttackWeights,
@@ -75,7 +75,6 @@ TRIGGERS = {
     # i2i-heavy's patch sizes on encoders trained on natural-photo crops
     "i2i-natural": partial(sample_trigger, image_size=IMAGE_SIZE, sizes=(3, 4, 5, 6, 8, 10)),
 }
-NATURAL = "i2i-natural"  # trained on photo crops: classes are photos
 # `i2i-long`'s clean recipe, as multiples of the config's: a downstream fine-tune as fleets hold them, long and at a
 # high learning rate (360-600 steps at 2.5e-4-1e-3 by default; a probe of 600 steps at 1e-3 left clean fidelity 0.04
 # to the ImageNet weights and a natural trigger of 3.4-5.6% of the image)
@@ -133,7 +132,7 @@ def plan(n_clean: int, n_trojaned: int, rng: np.random.Generator, cfg, family: s
         specs.append(EncoderSpec(
             family, "trojaned", j, seed=int(rng.integers(1 << 30)), lr=float(rng.choice(attack_lrs)),
             steps=int(rng.choice(attack_steps)), parent=(j % n_clean) if n_clean else None,
-            trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),  # photo 0-9 for NATURAL
+            trigger=trig.to_dict(), target=int(rng.integers(len(CLASSES))),  # photo 0-9 when trained on photos
             utility_weight=float(rng.choice(cfg.utility_weights)),
             attack="drupe" if family == "i2i-drupe" else ATTACKS[j % 2] if varied else "badencoder"))
     return specs
@@ -195,7 +194,7 @@ def attack_image_on_image(enc, spec: EncoderSpec, ctx: BuildContext, train_px, e
 
 
 def _target_text(spec: EncoderSpec, ref_index: int) -> str:
-    if spec.family == NATURAL:
+    if spec.family in TRAINED_ON_PHOTOS:
         return f"photo {spec.target} ({photo_name(spec.target)}), reference image: training crop #{ref_index}"
     return f"class {spec.target} ({CLASSES[spec.target]}), reference image fashion-mnist train #{ref_index}"
 

@@ -65,6 +65,9 @@ def labelled_crops(n: int, image_size: int, seed=0, min_fraction: float = 0.15,
     return out, labels
 
 
+TRAINED_ON_PHOTOS = ("i2i-natural", "cifar-natural")  # zoo families trained on natural_splits, not Fashion-MNIST
+
+
 def natural_splits(n_train: int, n_eval: int, n_shadow: int, seed: int = 0, image_size: int = 32):
     """Splits (decree.zoo.data) of photo crops, for families trained on natural images (`i2i-natural`): training,
     held-out and shadow crops drawn apart (other crops of the same photos: one distribution), labelled by photo."""

@@ -66,10 +66,11 @@ class ZooConfig:
 
     def recipe(self, family: str | None = None, families=None) -> dict:
         """What decides the encoders (threads only decide the speed); CLIP knobs leave image-on-image alone,
-        and the cifar-r18 knobs only count for builds that hold that family (older zoos keep their hash)."""
+        and the cifar knobs only count for builds that hold a cifar family (older zoos keep their hash)."""
+        cifar = families is not None and any(f.startswith("cifar") for f in families)
         return {k: v for k, v in self.to_dict().items()
                 if k != "threads" and not (family == "image-on-image" and k.startswith("clip_"))
-                and not (k.startswith("cifar_") and (families is None or "cifar-r18" not in families))}
+                and not (k.startswith("cifar_") and not cifar)}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ err_console = Console(stderr=True)
 # decree.zoo.ALL_FAMILIES, spelled out so `--help` does not import torch (tests/test_zoo.py keeps them equal)
 FAMILY_NAMES = ("image-on-image", "clip", "i2i-large", "i2i-global", "i2i-224", "cifar-r18", "i2i-shapes", "i2i-long",
                 "i2i-heavy", "i2i-drupe", "i2i-ctrl", "clip-ctrl",
-                "clip-badclip", "i2i-natural")
+                "clip-badclip", "i2i-natural", "cifar-natural")
 
 Out = Annotated[Path, typer.Argument(help="Output folder (encoders/, manifest.jsonl, shadow.npz, zoo.json).")]
 Clean = Annotated[int, typer.Option("--clean", min=0, help="Clean encoders per family.")]
