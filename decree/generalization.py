@@ -27,7 +27,7 @@ import numpy as np
 from .fleet import DEFAULT_CUTOFF, MIN_REFERENCES, FleetConfig, assign, log_score, robust_index
 
 TUNE_SEEDS = (0,)
-# shadow file -> condition; a photo-trained zoo (`i2i-natural`) has photo crops in distribution, Fashion-MNIST out
+# shadow file -> condition; a photo-trained zoo (zoo.photos.TRAINED_ON_PHOTOS) has photo crops in distribution
 CONDITIONS = {"shadow.npz": "in-distribution", "shadow-photos.npz": "photos", "shadow-fmnist.npz": "fashion-mnist"}
 # trigger area buckets (fraction of the image); whole-image triggers have their own
 BUCKETS = ((0.02, "patch <2%"), (0.04, "patch 2-4%"), (0.08, "patch 4-8%"), (0.125, "patch 8-12.5%"),

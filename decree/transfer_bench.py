@@ -90,7 +90,10 @@ def _compare(row: dict, prefix: str, enc, bases, pixels, digest, result, thresho
         row["consensus_similarity"] = t.base_similarity
 
 
-def run(zoos: list[Path], out: Path, shadows=("shadow.npz", "shadow-photos.npz"), log=print) -> list[dict]:
+SHADOWS = ("shadow.npz", "shadow-photos.npz")  # each zoo's shadow files scanned unless --shadow names others
+
+
+def run(zoos: list[Path], out: Path, shadows=SHADOWS, log=print) -> list[dict]:
     rows: list[dict] = []
     entries_of = {zoo: read_manifest(zoo) for zoo in zoos}
     # every zoo's encoders of an architecture in one listing, zoo after zoo: the mixed fleet's consensus
@@ -257,8 +260,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rejudge", action="store_true", help="re-derive the verdicts of OUT/transfer.csv; no scan")
-    p.add_argument("--shadow", action="append", help="a shadow file in each zoo folder (repeat; default: shadow.npz "
-                   "and shadow-photos.npz)")
+    p.add_argument("--shadow", action="append", help=f"a shadow file in each zoo folder (repeat; default {SHADOWS})")
     a = p.parse_args(argv)
     if a.rejudge:
         if not (a.out / "transfer.csv").is_file():
@@ -268,7 +270,7 @@ def main(argv=None) -> None:
         p.error("--zoo is required (or --rejudge)")
     else:
         torch.set_num_threads(a.threads)
-        run(a.zoo, a.out, **({"shadows": tuple(a.shadow)} if a.shadow else {}))
+        run(a.zoo, a.out, shadows=tuple(a.shadow or SHADOWS))
     print(json.dumps({"wrote": [str(a.out / "transfer.csv"), str(a.out / "TRANSFER.md")]}))
 
 

@@ -117,6 +117,31 @@ def _build_one(module, spec: EncoderSpec, ctx: BuildContext, seed: int, cache: b
     return record
 
 
+def _write_data(out: Path, source: str, families, config: ZooConfig, seed: int):
+    """The zoo's training splits, with its shadow sets written and described for zoo.json: (Splits, fields)."""
+    n = config.n_shadow
+    if source == "photos":
+        # trained on photo crops: held-out crops are its in-distribution set (and its photos condition),
+        # Fashion-MNIST's test images its out-of-distribution one
+        splits = natural_splits(config.n_train, config.n_eval, n, seed=seed)
+        np.savez_compressed(out / PHOTO_SHADOW, x=splits.shadow_x)
+        np.savez_compressed(out / FMNIST_SHADOW, x=make_splits(0, 0, n, seed=seed).shadow_x)
+        meta = {"shadow": {"n": n, "source": "photo crops drawn apart from the training crops"},
+                "shadow_photos": {"file": PHOTO_SHADOW, "source": "the same as shadow.npz"},
+                "shadow_fmnist": {"file": FMNIST_SHADOW, "source": "fashion-mnist test split"},
+                "train_source": "crops of scikit-image / scikit-learn photos"}
+    else:
+        splits = make_splits(config.n_train, config.n_eval, n, seed=seed)
+        # the out-of-distribution condition: natural-photo crops (a 32-px encoder sees them downsampled)
+        photo_size = max([32, *(PHOTO_SIZES.get(f, 32) for f in families)])
+        np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(n, photo_size, seed=seed))
+        meta = {"shadow": {"n": n, "source": "fashion-mnist test split, disjoint from eval"},
+                "shadow_photos": {"file": PHOTO_SHADOW, "source": "crops of scikit-image / scikit-learn photos"},
+                "train_source": "fashion-mnist train split"}
+    np.savez_compressed(out / "shadow.npz", x=splits.shadow_x)
+    return splits, meta
+
+
 def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FAMILIES, seed: int = 0,
               cache: bool = True, config: ZooConfig | None = None) -> Path:
     """Build (or reuse) a zoo of `clean` + `trojaned` encoders per family into `out`; returns `out`.
@@ -141,18 +166,7 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        if source == "photos":
-            # trained on photo crops: held-out crops are its in-distribution set (and its photos condition),
-            # Fashion-MNIST's test images its out-of-distribution one
-            splits = natural_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
-            np.savez_compressed(out / PHOTO_SHADOW, x=splits.shadow_x)
-            np.savez_compressed(out / FMNIST_SHADOW, x=make_splits(0, 0, config.n_shadow, seed=seed).shadow_x)
-        else:
-            splits = make_splits(config.n_train, config.n_eval, config.n_shadow, seed=seed)
-            # the out-of-distribution condition: natural-photo crops (a 32-px encoder sees them downsampled)
-            photo_size = max([32, *(PHOTO_SIZES.get(f, 32) for f in families)])
-            np.savez_compressed(out / PHOTO_SHADOW, x=natural_crops(config.n_shadow, photo_size, seed=seed))
-        np.savez_compressed(out / "shadow.npz", x=splits.shadow_x)
+        splits, data_meta = _write_data(out, source, families, config, seed)
         records, timings, notes = [], {}, {}
         for fam in families:
             module = _family_module(fam)
@@ -174,14 +188,6 @@ def build_zoo(out: str | Path, *, clean: int = 8, trojaned: int = 8, families=FA
             fh.write(json.dumps({k: v for k, v in r.items() if k not in ("spec_hash", "kept")}) + "\n")
     meta = {"params_hash": digest(params), "params": params, "seconds": round(time.time() - t0, 1),
             "family_seconds": timings, "family_notes": notes, "encoders": len(kept),
-            "dropped": [r["id"] for r in records if not r["kept"]],
-            "shadow": {"n": len(splits.shadow_x), "source": "fashion-mnist test split, disjoint from eval"},
-            "shadow_photos": {"file": PHOTO_SHADOW, "source": "crops of scikit-image / scikit-learn photos"},
-            "train_source": "fashion-mnist train split"}
-    if source == "photos":
-        meta.update(shadow={"n": len(splits.shadow_x), "source": "photo crops drawn apart from the training crops"},
-                    shadow_photos={"file": PHOTO_SHADOW, "source": "the same as shadow.npz"},
-                    shadow_fmnist={"file": FMNIST_SHADOW, "source": "fashion-mnist test split"},
-                    train_source="crops of scikit-image / scikit-learn photos")
+            "dropped": [r["id"] for r in records if not r["kept"]], **data_meta}
     (out / "zoo.json").write_text(json.dumps(meta, indent=1))
     return out

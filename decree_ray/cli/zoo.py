@@ -59,8 +59,8 @@ def zoo_callback() -> None:
 @zoo_app.command("build")
 def build_command(out: Out, clean: Clean = 8, trojaned: Trojaned = 8, family: Family = None, seed: Seed = 0,
                   no_cache: NoCache = False, quick: Quick = False, threads: Threads = None) -> None:
-    """Fine-tune clean encoders and BadEncoder-style trojans from real weights on Fashion-MNIST (i2i-natural: on
-    natural-photo crops, in a zoo of its own)."""
+    """Fine-tune clean encoders and BadEncoder-style trojans from real weights on Fashion-MNIST (i2i-natural and
+    cifar-natural: on natural-photo crops, in a zoo of their own)."""
     from dataclasses import replace
 
     from decree.zoo import ALL_FAMILIES, FAMILIES, ZooConfig, build_zoo, read_manifest
